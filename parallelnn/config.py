@@ -1,0 +1,240 @@
+"""RunConfig: every knob of a run in one typed dataclass, validated once.
+
+Each field carries its own one-line help, and the ``run`` verb's command-line options are generated
+from these fields (``--batch-size`` sets ``batch_size``), so the documentation cannot drift from the
+code. A TOML file (``--config run.toml``) may set any field; flags given on the command line win.
+
+Fields left ``None`` take the workload's default (for example MNIST's 10 epochs) when the workload
+is built; :func:`validate` checks everything that can be checked without building it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from parallelnn.errors import UserError
+
+WORKLOADS = ("iris", "mnist", "gpt2")
+STRATEGIES = ("single", "ddp", "fsdp", "pipeline", "tensor", "hybrid")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LOADERS = ("memory", "dataloader")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BACKENDS = ("gloo", "nccl")
+
+
+def opt(default: Any = None, help: str = "", **cli: Any) -> Any:
+    """A config field with its help text and any extra argparse settings (choices, metavar, flag)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class RunConfig:
+    # --- what and where -------------------------------------------------------------------------
+    workload: str = opt(None, "what to train", choices=WORKLOADS, positional=True)
+    strategy: str = opt("single", "how to spread training over processes", choices=STRATEGIES)
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
+    # --- data -----------------------------------------------------------------------------------
+    data: str | None = opt(None, "user data: iris CSV; MNIST IDX directory; gpt2 CSV/JSONL/Parquet", metavar="PATH")
+    download: bool = opt(False, "mnist: fetch the official MNIST files into the cache (SHA-256 checked)", flag=True)
+    limit: int | None = opt(None, "use only the first N training samples (more than exist: warning, all used)", metavar="N")
+    loader: str = opt("memory", "memory: pre-normalized tensors on the device; dataloader: DataLoader + workers",
+                      choices=LOADERS)
+    workers: int = opt(0, "dataloader worker processes (the study's 'threading')", metavar="N")
+    threads: int | None = opt(None, "torch intra-op threads per process (default: cores / local processes)", metavar="N")
+    # --- optimisation ---------------------------------------------------------------------------
+    epochs: int | None = opt(None, "passes over the training split (default: the workload's)", metavar="N")
+    batch_size: int | None = opt(None, "global batch size, shared by all data-parallel ranks", metavar="N")
+    lr: float | None = opt(None, "learning rate (default: the workload's)", metavar="LR")
+    seed: int = opt(0, "seed for weights, data order and splits", metavar="N")
+    precision: str = opt("fp32", "autocast precision for the forward pass", choices=PRECISIONS)
+    grad_accum: int = opt(1, "split each per-rank batch into this many accumulation chunks", metavar="N")
+    max_grad_norm: float | None = opt(None, "clip gradients to this norm (default: the workload's; 0 = off)",
+                                      metavar="X")
+    warmup_steps: int | None = opt(None, "gpt2: linear warm-up steps before cosine decay (default 5%% of steps)",
+                                   metavar="N")
+    # --- logging and evaluation -------------------------------------------------------------------
+    out: str | None = opt(None, "run directory (default runs/<UTC time>-<workload>-<strategy>)", metavar="DIR")
+    overwrite: bool = opt(False, "replace a record already in --out", flag=True)
+    quiet: bool = opt(False, "no progress output", flag=True)
+    log_every: int | None = opt(None, "write train metrics every N steps (default: the workload's)", metavar="N")
+    eval_every: int | None = opt(None, "evaluate every N steps as well as after each epoch", metavar="N")
+    baseline: str | None = opt(None, "single-process record.json to compute speedup/efficiency against",
+                               metavar="RECORD")
+    tensorboard: bool = opt(False, "also write TensorBoard event files (needs the tensorboard package)", flag=True)
+    # --- distributed ------------------------------------------------------------------------------
+    nproc: int = opt(1, "processes per node, started through torchrun", metavar="N")
+    nnodes: int = opt(1, "machines taking part", metavar="N")
+    node_rank: int = opt(0, "this machine's index among --nnodes", metavar="N")
+    rdzv_endpoint: str | None = opt(None, "HOST:PORT of the rendezvous for multi-machine jobs", metavar="HOST:PORT")
+    rdzv_timeout: float = opt(60.0, "seconds to wait for all machines to join the rendezvous", metavar="S")
+    max_restarts: int = opt(0, "restart the ranks this many times after a failure (resumes from checkpoint)",
+                            metavar="N")
+    backend: str | None = opt(None, "process-group backend (default nccl on CUDA, gloo otherwise)", choices=BACKENDS)
+    timeout: float = opt(300.0, "seconds a collective may wait for a peer before the job is ended", metavar="S")
+    mesh: str | None = opt(None, "hybrid layout DPxTP or DPxPP, e.g. 2x2", metavar="AxB")
+    hybrid: str = opt("tensor", "hybrid: what the second mesh dimension does", choices=("tensor", "pipeline"))
+    reshard_after_forward: bool = opt(True, "fsdp: free gathered weights after forward (ZeRO-3)", negatable=True)
+    schedule: str = opt("1f1b", "pipeline schedule", choices=SCHEDULES)
+    microbatches: int | None = opt(None, "pipeline microbatches per batch (default: 2 per stage)", metavar="M")
+    split: str | None = opt(None, "pipeline: layer indices where stages 2.. begin, e.g. 4,7", metavar="I,J")
+    # --- gpt2 -------------------------------------------------------------------------------------
+    model: str | None = opt(None, "gpt2: model name or directory (default: a small GPT-2 from scratch)",
+                            metavar="NAME_OR_DIR")
+    columns: str | None = opt(None, "gpt2: map fields, e.g. statement=title,input=io,solution=code",
+                              metavar="MAP")
+    template: str | None = opt(None, "gpt2: text template over {statement} {input} {solution}", metavar="TEXT")
+    test_size: float = opt(0.1, "fraction of the data held out for evaluation", metavar="F")
+    context: int | None = opt(None, "gpt2: tokens per training window (default: the model's, at most 256 "
+                              "for the scratch model)", metavar="N")
+    eval_pass_at_k: int | None = opt(None, "gpt2: after training, sample k completions per HumanEval-style test "
+                                     "problem and run its tests in a sandboxed subprocess", metavar="K")
+    # --- checkpoints ------------------------------------------------------------------------------
+    checkpoint_every: int | None = opt(None, "save a checkpoint every N steps", metavar="N")
+    checkpoint_dir: str | None = opt(None, "where checkpoints go (default OUT/checkpoints)", metavar="DIR")
+    keep: int = opt(2, "complete checkpoints to keep", metavar="K")
+    resume: str | None = opt(None, "'auto' (newest complete checkpoint) or a checkpoint path", metavar="auto|PATH")
+
+    # Filled in by the CLI, not by the user.
+    command: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")]
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML file of RunConfig fields (dashes or underscores), rejecting unknown keys."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist")
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"cannot read config file {path}: {err}")
+    known = {f.name for f in config_fields()}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UserError(f"config file {path}: unknown key '{key}'")
+        values[name] = value
+    return values
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UserError(f"--mesh '{text}' is not of the form AxB with positive integers, e.g. 2x2")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_split(text: str) -> list[int]:
+    try:
+        points = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"--split '{text}' must be comma-separated layer indices, e.g. 4,7")
+    if not points or points != sorted(set(points)) or points[0] < 1:
+        raise UserError(f"--split '{text}' must be increasing layer indices of at least 1")
+    return points
+
+
+def _positive(cfg: RunConfig, name: str, allow_zero: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        need = "zero or more" if allow_zero else "positive"
+        raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check everything that needs no model or data; raise UserError on the first problem."""
+    if cfg.workload is None:
+        raise UserError("no workload given: choose one of " + ", ".join(WORKLOADS))
+    for name, allowed in (("workload", WORKLOADS), ("strategy", STRATEGIES), ("device", DEVICES),
+                          ("loader", LOADERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise UserError(f"unknown {name} '{value}': choose one of {', '.join(allowed)}")
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
+        raise UserError(f"unknown backend '{cfg.backend}': choose one of {', '.join(BACKENDS)}")
+    for name in ("epochs", "batch_size", "lr", "limit", "threads", "nproc", "nnodes", "grad_accum",
+                 "log_every", "eval_every", "microbatches", "checkpoint_every", "keep", "context",
+                 "eval_pass_at_k", "timeout", "rdzv_timeout"):
+        _positive(cfg, name)
+    for name in ("workers", "max_restarts", "node_rank", "max_grad_norm", "warmup_steps"):
+        _positive(cfg, name, allow_zero=True)
+    if not 0 < cfg.test_size < 1:
+        raise UserError(f"--test-size must be between 0 and 1, got {cfg.test_size}")
+    if cfg.node_rank >= cfg.nnodes:
+        raise UserError(f"--node-rank {cfg.node_rank} must be below --nnodes {cfg.nnodes}")
+    if cfg.nnodes > 1 and not cfg.rdzv_endpoint:
+        raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    if cfg.rdzv_endpoint:
+        host, _, port = cfg.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--rdzv-endpoint '{cfg.rdzv_endpoint}' must be HOST:PORT")
+    if cfg.strategy == "single" and cfg.world_size > 1:
+        raise UserError(f"--strategy single runs one process; for --nproc {cfg.nproc} --nnodes {cfg.nnodes} "
+                        "choose ddp, fsdp, pipeline, tensor or hybrid")
+    if cfg.strategy in ("pipeline", "tensor") and cfg.world_size < 2:
+        raise UserError(f"--strategy {cfg.strategy} needs at least 2 processes (--nproc 2)")
+    if cfg.strategy == "hybrid":
+        if not cfg.mesh:
+            raise UserError("--strategy hybrid needs --mesh DPxTP (or DPxPP with --hybrid pipeline), e.g. 2x2")
+        dp, other = parse_mesh(cfg.mesh)
+        if dp * other != cfg.world_size:
+            raise UserError(f"--mesh {cfg.mesh} has {dp * other} ranks but the job has {cfg.world_size} "
+                            f"(--nproc {cfg.nproc} x --nnodes {cfg.nnodes})")
+    elif cfg.mesh:
+        raise UserError("--mesh applies to --strategy hybrid only")
+    if cfg.split:
+        parse_split(cfg.split)
+    if cfg.loader == "memory" and cfg.workers:
+        raise UserError("--workers applies to --loader dataloader (the memory loader has no workers)")
+    if cfg.batch_size is not None and cfg.grad_accum > cfg.batch_size:
+        raise UserError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}")
+    if cfg.resume and cfg.resume != "auto" and not os.path.exists(cfg.resume):
+        raise UserError(f"--resume {cfg.resume}: no such checkpoint")
+    if cfg.baseline and not os.path.isfile(cfg.baseline):
+        raise UserError(f"--baseline {cfg.baseline}: no such record file")
+    if cfg.download and cfg.workload != "mnist":
+        raise UserError("--download applies to the mnist workload only")
+    return cfg
+
+
+def option_name(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def config_to_argv(cfg: RunConfig) -> list[str]:
+    """The ``run`` arguments that reproduce ``cfg`` (fields at their defaults are left out)."""
+    argv: list[str] = []
+    for f in config_fields():
+        value = getattr(cfg, f.name)
+        if f.metadata.get("positional"):
+            argv.insert(0, str(value))
+        elif value == f.default:
+            continue
+        elif f.metadata.get("flag"):
+            argv.append(option_name(f))
+        elif f.metadata.get("negatable"):
+            argv.append(option_name(f) if value else "--no-" + option_name(f)[2:])
+        elif value is not None:
+            argv += [option_name(f), str(value)]
+    return argv

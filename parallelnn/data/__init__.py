@@ -1,0 +1,1 @@
+"""Data: reading files (IDX, tables), fetching and embedded defaults, and the two loaders."""

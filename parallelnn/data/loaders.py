@@ -1,0 +1,162 @@
+"""The two data paths, both yielding ``(inputs, targets, global_batch_size)`` for this rank.
+
+* ``memory`` (default, fast): the whole split is prepared once — normalized, on the target device —
+  and each batch is a slice by a shuffled index. No per-sample Python work at all.
+* ``dataloader`` (the study's "batch processing + threading"): a ``torch.utils.data.DataLoader``
+  that prepares each sample in ``--workers`` processes, with pinned memory on CUDA.
+
+Both draw the same global batches from the same seeded permutation, and give data-parallel rank
+``r`` of ``d`` the ``r``-th of ``d`` near-equal chunks of each global batch. So any number of ranks
+sees exactly the batches a single process sees, which is what makes the distributed runs comparable
+(and testable) against single-process ones. (torch's DistributedSampler pads the data with repeated
+samples and interleaves ranks instead; we avoid the padding so losses match exactly.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class ArraySplit:
+    """One split of a dataset: raw inputs and targets (CPU tensors) and how to prepare inputs.
+
+    ``prepare`` turns raw inputs into model inputs; it works on one sample or on a whole stack,
+    so the dataloader path can call it per sample and the memory path once for everything.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def head(self, n: int) -> "ArraySplit":
+        return ArraySplit(self.inputs[:n], self.targets[:n], self.prepare)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
+                  min_size: int = 1) -> list[torch.Tensor]:
+    """The global batches of one epoch as index tensors; the same on every rank.
+
+    A final batch smaller than ``min_size`` (the data-parallel degree) cannot give every rank a
+    sample and is dropped.
+    """
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        order = torch.arange(n)
+    batches = list(torch.split(order, batch_size))
+    if batches and len(batches[-1]) < min_size:
+        batches.pop()
+    return batches
+
+
+def rank_share(batch: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return torch.tensor_split(batch, size)[rank] if size > 1 else batch
+
+
+class MemoryLoader:
+    """Whole split prepared once on the device; batches are index slices."""
+
+    def __init__(self, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
+                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1):
+        self.inputs = split.prepare(split.inputs).to(device)
+        self.targets = split.targets.to(device)
+        self.n, self.batch_size, self.device = len(split), batch_size, device
+        self.shuffle, self.seed, self.dp_rank, self.dp_size = shuffle, seed, dp_rank, dp_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[torch.Tensor]:
+        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        for batch in self.batches():
+            idx = rank_share(batch, self.dp_rank, self.dp_size).to(self.device, non_blocking=True)
+            yield self.inputs.index_select(0, idx), self.targets.index_select(0, idx), len(batch)
+
+
+class _PerSample(Dataset):
+    """Prepares one sample at a time, in whichever worker process asks for it."""
+
+    def __init__(self, split: ArraySplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.split.prepare(self.split.inputs[i]), self.split.targets[i]
+
+
+class _RankBatches(Sampler):
+    """Yields this rank's share of each global batch (see the module docstring)."""
+
+    def __init__(self, owner: "DataLoaderLoader"):
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner.batches())
+
+    def __iter__(self):
+        o = self.owner
+        for batch in o.batches():
+            yield rank_share(batch, o.dp_rank, o.dp_size).tolist()
+
+
+class DataLoaderLoader:
+    """``torch.utils.data.DataLoader`` with per-sample preparation and worker processes."""
+
+    def __init__(self, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
+                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, workers: int = 0):
+        self.n, self.batch_size, self.device = len(split), batch_size, device
+        self.shuffle, self.seed, self.dp_rank, self.dp_size = shuffle, seed, dp_rank, dp_size
+        self.epoch = 0
+        self.loader = DataLoader(
+            _PerSample(split),
+            batch_sampler=_RankBatches(self),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[torch.Tensor]:
+        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        for step, (x, y) in enumerate(self.loader):
+            global_n = min(self.batch_size, self.n - step * self.batch_size)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), global_n
+
+
+def make_loader(kind: str, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
+                seed: int = 0, dp_rank: int = 0, dp_size: int = 1, workers: int = 0):
+    if kind == "memory":
+        return MemoryLoader(split, batch_size, device, shuffle=shuffle, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
+    return DataLoaderLoader(split, batch_size, device, shuffle=shuffle, seed=seed, dp_rank=dp_rank,
+                            dp_size=dp_size, workers=workers)
+
+
+def steps_per_epoch(n: int, batch_size: int, dp_size: int = 1) -> int:
+    steps = math.ceil(n / batch_size)
+    if steps and n - (steps - 1) * batch_size < dp_size:
+        steps -= 1
+    return steps

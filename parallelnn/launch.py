@@ -1,0 +1,229 @@
+"""Processes: spawn ranks through torchrun, or join the ranks torchrun/SLURM started; init and teardown.
+
+* ``parallelnn run ... --nproc N [--nnodes M --rdzv-endpoint HOST:PORT]`` starts torchrun's elastic
+  agent in this process (``torch.distributed.launcher.api.elastic_launch``, the code behind the
+  ``torchrun`` command) which starts N ranks of ``python -m parallelnn run ...`` and restarts them up
+  to ``--max-restarts`` times. A failing rank brings the others down (torchrun's behaviour).
+* A process that finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun) or ``SLURM_PROCID`` and
+  ``SLURM_NTASKS`` (srun) in its environment is one rank of a job already started: it joins.
+* A one-process job of a distributed strategy (``--strategy ddp --nproc 1``) runs in this process
+  with a one-rank process group: no launcher start-up to pay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from parallelnn.errors import EXIT_USER_ERROR, UserError
+
+# Set by the launching command, inherited by every rank: when the user pressed enter.
+T0_ENV = "PARALLELNN_T0"
+
+
+@dataclass
+class Context:
+    """Who this process is in the job, and on which device it computes."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    distributed: bool = False
+    restart_count: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def nnodes(self) -> int:
+        return max(1, self.world_size // max(self.local_world_size, 1))
+
+
+def job_env() -> dict[str, int] | None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE of a job started by torchrun or srun, else None."""
+    env = os.environ
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        world = int(env["WORLD_SIZE"])
+        return {"rank": int(env["RANK"]), "world_size": world, "local_rank": int(env["LOCAL_RANK"]),
+                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", world))}
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_NNODES", "1"))
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or world // max(nodes, 1)
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _first_slurm_host()
+        env.setdefault("MASTER_PORT", "29500")
+        job = {"rank": int(env["SLURM_PROCID"]), "world_size": world,
+               "local_rank": int(env.get("SLURM_LOCALID", "0")), "local_world_size": local_world}
+        for key, value in (("RANK", "rank"), ("WORLD_SIZE", "world_size"), ("LOCAL_RANK", "local_rank"),
+                           ("LOCAL_WORLD_SIZE", "local_world_size")):
+            env[key] = str(job[value])
+        return job
+    return None
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=10).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if nodelist and "[" not in nodelist:
+        return nodelist.split(",")[0]
+    raise UserError("under SLURM without MASTER_ADDR and no scontrol to read the node list: set MASTER_ADDR")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an absent device is a UserError."""
+    has_cuda = torch.cuda.is_available()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if has_cuda else "mps" if has_mps else "cpu"
+    if name == "cuda":
+        if not has_cuda:
+            raise UserError("--device cuda: no CUDA device is available on this machine")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", local_rank % count)
+    if name == "mps":
+        if not has_mps:
+            raise UserError("--device mps: Apple MPS is not available on this machine")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def check_backend(backend: str | None, device: torch.device) -> str:
+    backend = backend or default_backend(device)
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"--backend nccl needs CUDA devices, but this run uses {device.type}; use gloo")
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise UserError("--backend nccl: this torch build has no NCCL")
+    return backend
+
+
+def set_threads(threads: int | None, local_world_size: int) -> int:
+    """Intra-op threads: as asked, else this machine's cores shared evenly among its local ranks."""
+    n = threads or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
+    torch.set_num_threads(n)
+    keep_freed_memory()
+    return n
+
+
+def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 << 20) -> bool:
+    """Let glibc's malloc reuse freed activation buffers instead of returning them to the kernel.
+
+    By default glibc serves every allocation above 128 KiB-32 MiB (adapting) with a fresh mmap and
+    gives it back on free, so each training step pays page faults to re-zero its activations: on the
+    MNIST CNN that is ~40% of CPU step time (measured, benchmarks/mnist_cpu.py). Raising the mmap and
+    trim thresholds keeps those pages in the process, as jemalloc or tcmalloc would. No-op elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def init(cfg, device_name: str) -> Context:
+    """Join (or create) the process group for this rank and pick its device."""
+    job = job_env()
+    needs_group = cfg.strategy != "single"
+    if job is None:
+        device = resolve_device(device_name)
+        ctx = Context(device=device)
+        if needs_group:  # one-rank job of a distributed strategy, in this process
+            backend = check_backend(cfg.backend, device)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=cfg.timeout))
+            ctx.distributed = True
+        return ctx
+    device = resolve_device(device_name, job["local_rank"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = check_backend(cfg.backend, device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout),
+                            device_id=device if device.type == "cuda" else None)
+    return Context(device=device, distributed=True,
+                   restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), **job)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_mesh(shape: tuple[int, ...], names: tuple[str, ...], device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, shape, mesh_dim_names=names)
+
+
+# -- spawning ------------------------------------------------------------------------------------
+
+class LaunchFailed(Exception):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def spawn(cfg, argv: list[str]) -> None:
+    """Run ``python -m parallelnn <argv>`` as ``cfg.nproc`` ranks on this node through torchrun's agent."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # torchrun's agent logs every state change; our users want our one-line messages instead.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.launcher").setLevel(logging.ERROR)
+    if cfg.nnodes > 1:
+        endpoint, run_id = cfg.rdzv_endpoint, "parallelnn-" + cfg.rdzv_endpoint.replace(":", "-")
+    else:  # like torchrun --standalone: a private rendezvous on a free local port
+        endpoint, run_id = "localhost:0", f"parallelnn-{uuid.uuid4().hex[:8]}"
+    timeout = int(max(cfg.rdzv_timeout, 1))
+    config = LaunchConfig(
+        min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.nproc, run_id=run_id,
+        rdzv_endpoint=endpoint, rdzv_backend="c10d",
+        rdzv_configs={"join_timeout": timeout, "read_timeout": timeout, "last_call_timeout": 1},
+        max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
+    )
+    env_before = os.environ.get("OMP_NUM_THREADS")
+    try:
+        elastic_launch(config, sys.executable)("-m", "parallelnn", *argv)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        raise LaunchFailed(f"rank {rank} failed with exit code {failure.exitcode}"
+                           + ("" if code == EXIT_USER_ERROR else " (its message is above)"), code) from None
+    except RendezvousError as err:
+        raise LaunchFailed(f"rendezvous at {endpoint} failed within {timeout}s: "
+                           f"{' '.join(str(err).split())}", EXIT_USER_ERROR) from None
+    except (RuntimeError, TimeoutError, ValueError) as err:
+        raise LaunchFailed(f"could not start the job through {endpoint}: {' '.join(str(err).split())}",
+                           EXIT_USER_ERROR) from None
+    finally:
+        if env_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)

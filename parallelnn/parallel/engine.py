@@ -1,0 +1,133 @@
+"""Engine: the one object the trainer drives, whatever strategy built it.
+
+A strategy wraps the model with a torch.distributed building block and returns an Engine that says
+* how to run one training step (``train_step``) and one evaluation forward (``eval_step``);
+* which share of each global batch this rank loads (``dp_rank`` of ``dp_size``);
+* whether this rank's outputs and losses count towards totals (``counts_outputs``): e.g. only the
+  last pipeline stage sees outputs, and of tensor-parallel ranks holding identical outputs only one
+  counts.
+
+Loss scaling: workloads return the *sum* of per-sample losses; ``train_step`` back-propagates
+``sum * scale`` with ``scale = dp_size / global_batch``. Data-parallel gradient averaging (DDP's
+all-reduce, FSDP's reduce-scatter, both divide by ``dp_size``) then yields exactly the gradient of
+the mean loss over the global batch — however the batch was split over ranks, accumulation chunks
+or pipeline microbatches, and even when the last batch of an epoch splits unevenly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def total_grad_norm(parameters, group=None) -> torch.Tensor:
+    """L2 norm of all gradients, correct for plain tensors and DTensors (FSDP/TP shards) alike.
+
+    ``group``: a process group whose ranks hold *different* parameters (pipeline stages); their
+    squared norms are summed.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    squared = None
+    for mesh, group_grads in by_mesh.items():
+        norm = torch.nn.utils.get_total_norm(group_grads)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squared = norm.float() ** 2 if squared is None else squared + norm.float() ** 2
+    if squared is None:
+        squared = torch.zeros((), device=grads[0].device if grads else "cpu")
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(squared, group=group)
+    return squared.sqrt()
+
+
+class Engine:
+    """Forward, backward and optimizer step of a model that runs whole on this rank (possibly wrapped)."""
+
+    def __init__(self, module: nn.Module, built, cfg, device: torch.device, total_steps: int, *,
+                 dp_rank: int = 0, dp_size: int = 1, counts_outputs: bool = True,
+                 no_sync: Callable[[], Any] | None = None, norm_group=None, describe: dict | None = None):
+        self.module = module
+        self.loss_fn = built.loss_fn
+        self.device = device
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.counts_outputs = counts_outputs
+        self.optimizer, self.scheduler = built.make_optimizer(module.parameters(), total_steps)
+        self.grad_accum = cfg.grad_accum
+        self.max_grad_norm = cfg.max_grad_norm or 0.0
+        self.track_grad_norm = bool(built.extra.get("track_grad_norm")) or self.max_grad_norm > 0
+        self.autocast_dtype = AUTOCAST.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self._no_sync = no_sync or contextlib.nullcontext
+        self.norm_group = norm_group
+        # What the strategy did, for the record (e.g. which layers stayed replicated).
+        self.describe = describe or {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def parameters(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _step_optimizer(self) -> torch.Tensor | None:
+        norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.track_grad_norm:
+            params = self.parameters()
+            norm = total_grad_norm(params, self.norm_group)
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return norm
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    # -- the interface the trainer uses -------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step on this rank's share of a global batch; returns (summed loss, grad norm)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = list(zip(x.tensor_split(self.grad_accum), y.tensor_split(self.grad_accum)))
+        total = torch.zeros((), device=self.device)
+        for i, (xc, yc) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with (contextlib.nullcontext() if last else self._no_sync()):
+                with self.autocast():
+                    out = self.module(xc)
+                loss = self.loss_fn(out, yc)
+                self._backward(loss * scale)
+            total += loss.detach()
+        return total, self._step_optimizer()
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        with self.autocast():
+            return self.module(x)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])

@@ -1,0 +1,236 @@
+"""One run, as each rank executes it: build the workload, apply the strategy, train, write the record.
+
+The flow is the one in DESIGN.md: config -> (launch) -> workload.build -> strategy.apply -> Trainer.fit
+-> record. Nothing here depends on which workload or strategy was chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallelnn import launch, measure, parallel, workloads
+from parallelnn.config import RunConfig, config_to_argv
+from parallelnn.data.loaders import make_loader, steps_per_epoch
+from parallelnn.errors import UserError, warn
+from parallelnn.progress import Progress
+from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
+from parallelnn.trainer import Hooks, Trainer, final_eval
+
+TIMING_NOTE = ("train_seconds: the training loops only (slowest rank), after a device sync; excludes data "
+               "download and preparation, model building, evaluation, checkpoint saving and process start-up")
+
+
+def with_defaults(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with the workload's defaults filled into the fields left None."""
+    defaults = workloads.load(cfg.workload).DEFAULTS
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def default_out(cfg: RunConfig) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{stamp}-{cfg.workload}-{cfg.strategy}")
+
+
+def _agree(obj: Any, ctx: launch.Context) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not (ctx.distributed and ctx.world_size > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, ctx: launch.Context) -> list[Any]:
+    if not (ctx.distributed and ctx.world_size > 1):
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _peak(ctx: launch.Context) -> float:
+    """The device peak from the per-machine cache; with several local ranks only one of them probes."""
+    if ctx.distributed and ctx.world_size > 1:
+        if ctx.local_rank == 0:
+            measure.peak_flops(ctx.device)
+        dist.barrier()
+    return measure.peak_flops(ctx.device)
+
+
+def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None:
+    """Run ``cfg`` in this process (one rank of the job); return the record on rank 0."""
+    cfg = with_defaults(cfg)
+    ctx = launch.init(cfg, cfg.device)
+    try:
+        return _execute(cfg, ctx, hooks)
+    finally:
+        launch.teardown()
+
+
+def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[str, Any] | None:
+    threads = launch.set_threads(cfg.threads, ctx.local_world_size)
+    out = Path(_agree(cfg.out or default_out(cfg), ctx))
+    if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
+        prepare_out_dir(out, cfg.overwrite)
+    log = (lambda msg: print(msg, flush=True)) if ctx.is_main and not cfg.quiet else (lambda msg: None)
+
+    workload = workloads.load(cfg.workload)
+    built = workload.build(cfg, ctx.device, log=log)
+    if cfg.limit:
+        if cfg.limit > len(built.train):
+            warn(f"--limit {cfg.limit} is more than the {len(built.train)} training samples; using all of them")
+        else:
+            built.train = built.train.head(cfg.limit)
+    strategy = parallel.load(cfg.strategy)
+    if hasattr(strategy, "check"):
+        strategy.check(cfg, built, ctx.world_size)
+
+    sample = built.train.head(min(8, len(built.train)))
+    flops = measure.flops_per_sample(built.model, built.loss_fn, sample.prepare(sample.inputs), sample.targets)
+    peak = _peak(ctx) * (ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes)
+
+    # Build the engine first: it knows the data-parallel layout the loaders follow.
+    dp_probe = strategy.dp_layout(cfg, ctx) if hasattr(strategy, "dp_layout") else (0, 1)
+    total_steps = steps_per_epoch(len(built.train), cfg.batch_size, dp_probe[1]) * cfg.epochs
+    engine = strategy.apply(built.model, built, cfg, ctx, total_steps)
+    loaders = [make_loader(cfg.loader, split, cfg.batch_size, ctx.device, shuffle=shuffle, seed=cfg.seed,
+                           dp_rank=engine.dp_rank, dp_size=engine.dp_size, workers=cfg.workers)
+               for split, shuffle in ((built.train, True), (built.test, False))]
+    if len(loaders[0]) == 0:
+        raise UserError(f"no training batch: {len(built.train)} samples cannot be split over "
+                        f"{engine.dp_size} data-parallel ranks")
+
+    recorder = Recorder(out, enabled=ctx.is_main, append=bool(cfg.resume) or ctx.restart_count > 0)
+    if ctx.is_main:
+        log(f"{cfg.workload} on {built.dataset}: {cfg.strategy} x{ctx.world_size} on {ctx.device.type}, "
+            f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
+    unit = "tokens" if built.tokens_per_sample else "samples"
+    progress = Progress(ctx.is_main and not cfg.quiet, len(loaders[0]) * cfg.epochs, cfg.epochs, unit=unit)
+    trainer = Trainer(engine, built, cfg, ctx, loaders[0], loaders[1], recorder, progress, hooks)
+    started = time.time()
+    try:
+        state = trainer.fit()
+    finally:
+        progress.close()
+
+    per_rank = _gather({"rank": ctx.rank, "host": os.uname().nodename,
+                        "step_seconds": trainer.step_seconds,
+                        "first_step_seconds": trainer.first_step_seconds,
+                        "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
+                        **engine.describe.get("per_rank", {})}, ctx)
+    if built.save is not None:
+        state_dict = engine.full_state_dict() if hasattr(engine, "full_state_dict") else engine.module.state_dict()
+        if ctx.is_main:
+            built.save(state_dict, str(out / "model"))
+    if not ctx.is_main:
+        recorder.close()
+        return None
+
+    samples_per_second = state.samples / state.train_seconds if state.train_seconds else 0.0
+    evaluation = final_eval(state)
+    record: dict[str, Any] = {
+        "workload": cfg.workload, "dataset": built.dataset, "strategy": cfg.strategy,
+        "device": ctx.device.type, "device_name": measure.device_label(ctx.device),
+        "world_size": ctx.world_size, "nnodes": ctx.nnodes, "nproc": ctx.local_world_size,
+        "mesh": engine.describe.get("mesh"), "loader": cfg.loader, "workers": cfg.workers, "threads": threads,
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+        "precision": cfg.precision, "train_samples": len(built.train), "test_samples": len(built.test),
+        "steps": state.global_step, "samples": state.samples,
+        "train_seconds": state.train_seconds, "samples_per_second": samples_per_second,
+        "test_accuracy": evaluation.get("test_accuracy"), "test_loss": evaluation.get("test_loss"),
+        "final_train_loss": state.loss_curve[-1] if state.loss_curve else None,
+        "loss_curve": state.loss_curve, "eval_curve": state.eval_curve,
+        "flops_per_sample": flops, "peak_flops": peak, "mfu": measure.mfu(flops, samples_per_second, peak),
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+        "first_step_seconds": trainer.first_step_seconds, "startup_seconds": trainer.startup_seconds,
+        "timing": TIMING_NOTE, "strategy_detail": {k: v for k, v in engine.describe.items() if k != "per_rank"},
+        "per_rank": per_rank, "restarts": ctx.restart_count,
+        "hardware": hardware(ctx.device), "versions": versions(),
+        "command": cfg.command or "parallelnn run " + " ".join(config_to_argv(cfg)),
+        "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(out),
+        **built.extra.get("record", {}),
+    }
+    if cfg.baseline:
+        record.update(compare_to_baseline(record, read_record(cfg.baseline)))
+    recorder.finish(record)
+    recorder.close()
+    return record
+
+
+def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Speedup (throughput ratio) and efficiency (speedup per process) against a single-process record."""
+    if base.get("workload") != record["workload"] or base.get("dataset") != record["dataset"]:
+        raise UserError(f"--baseline is a {base.get('workload')} run on {base.get('dataset')}, "
+                        f"not {record['workload']} on {record['dataset']}")
+    if not base.get("samples_per_second"):
+        raise UserError("--baseline record has no throughput")
+    speedup = record["samples_per_second"] / base["samples_per_second"]
+    return {"baseline": {"out": base.get("out"), "strategy": base.get("strategy"),
+                         "world_size": base.get("world_size"), "samples_per_second": base["samples_per_second"]},
+            "speedup": speedup, "efficiency": speedup / max(record["world_size"], 1)}
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """Before any process is spawned: every check that needs the data and model but no process group."""
+    cfg = with_defaults(cfg)
+    device = launch.resolve_device(cfg.device)
+    if cfg.strategy != "single":
+        launch.check_backend(cfg.backend, device)
+    cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
+    if not cfg.resume:
+        prepare_out_dir(cfg.out, cfg.overwrite)
+    quiet = lambda msg: None  # noqa: E731 - the ranks will say it all again
+    built = workloads.load(cfg.workload).build(cfg, torch.device("cpu"), log=quiet)
+    strategy = parallel.load(cfg.strategy)
+    if hasattr(strategy, "check"):
+        strategy.check(cfg, built, cfg.world_size)
+    measure.peak_flops(device)  # probe now, once, rather than in competing ranks
+    return cfg
+
+
+def run_command(cfg: RunConfig) -> int:
+    """``parallelnn run``: join a running job, spawn one, or run here; then print the summary."""
+    job = launch.job_env()
+    if job is not None:  # one rank of a job torchrun or srun started
+        cfg = dataclasses.replace(cfg, nproc=job["local_world_size"],
+                                  nnodes=max(1, job["world_size"] // job["local_world_size"]))
+        from parallelnn.config import validate
+
+        validate(cfg)
+        record = execute(cfg)
+    elif cfg.world_size > 1:
+        cfg = preflight(cfg)
+        try:
+            launch.spawn(cfg, ["run", *config_to_argv(cfg)])
+        except launch.LaunchFailed as err:
+            print(f"parallelnn: error: {err}", flush=True, file=__import__("sys").stderr)
+            return err.exit_code
+        record_path = Path(cfg.out) / "record.json"
+        record = read_record(record_path) if record_path.is_file() else None
+    else:
+        record = execute(cfg)
+    if record is not None and not cfg.quiet:
+        print(summary_line(record), flush=True)
+    return 0
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    parts = [f"{record['workload']} {record['strategy']} x{record['world_size']} on {record['device']}"]
+    if record.get("test_accuracy") is not None:
+        parts.append(f"test accuracy {record['test_accuracy']:.4f}")
+    elif record.get("eval_loss") is not None:
+        parts.append(f"eval loss {record['eval_loss']:.4f}")
+    parts.append(f"train {record['train_seconds']:.2f}s")
+    parts.append(f"{record['samples_per_second']:,.0f} samples/s")
+    parts.append(f"MFU {record['mfu']:.2f}")
+    if record.get("speedup") is not None:
+        parts.append(f"speedup {record['speedup']:.2f} (efficiency {record['efficiency']:.2f})")
+    return ", ".join(parts) + f" -> {record['out']}/record.json"

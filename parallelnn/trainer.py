@@ -1,0 +1,216 @@
+"""The training loop: written once, never branching on a strategy's name.
+
+Timing is honest by construction: ``train_seconds`` is the sum of the epochs' training loops,
+measured after a device synchronisation, excluding evaluation (and checkpoint saving), data
+download and preparation, model building and process start-up — each of those is recorded apart.
+
+Losses: each step's summed loss stays on the device; at each flush point (end of epoch, before an
+evaluation) the pending steps' sums are added over ranks in one collective and divided by the global
+batch sizes, giving exactly the loss a single process would report for the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallelnn.launch import T0_ENV, Context
+from parallelnn.measure import now
+from parallelnn.progress import Progress
+from parallelnn.record import Recorder
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.distributed and ctx.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class Hooks:
+    """Optional callbacks at step boundaries (checkpointing, fault injection in tests)."""
+
+    after_step: list = field(default_factory=list)  # fn(state) -> None
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    global_step: int = 0
+    step_in_epoch: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    loss_curve: list[float] = field(default_factory=list)
+    eval_curve: list[dict[str, float]] = field(default_factory=list)
+    stop_requested: bool = False
+
+
+class Trainer:
+    def __init__(self, engine, built, cfg, ctx: Context, train_loader, test_loader, recorder: Recorder,
+                 progress: Progress, hooks: Hooks | None = None, state: LoopState | None = None):
+        self.engine, self.built, self.cfg, self.ctx = engine, built, cfg, ctx
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.recorder, self.progress = recorder, progress
+        self.hooks = hooks or Hooks()
+        self.state = state or LoopState()
+        self.eval_keys = tuple(built.extra.get("eval_keys", ("loss_sum", "correct", "count")))
+        self.pending: list[tuple[int, torch.Tensor, int, Any, float]] = []  # step, loss sum, n, grad norm, lr
+        self.first_step_seconds: float | None = None
+        self.startup_seconds: float | None = None
+        self.step_seconds: list[float] = []
+        self.last_loss: float | None = None
+        self.tokens_per_sample = built.tokens_per_sample
+
+    # -- losses ------------------------------------------------------------------------------------
+    def flush(self) -> list[float]:
+        """Global per-step losses of the pending steps (one collective), written as step events."""
+        if not self.pending:
+            return []
+        sums = torch.stack([p[1].float() for p in self.pending])
+        all_reduce_sum(sums, self.ctx)
+        losses = (sums.cpu() / torch.tensor([p[2] for p in self.pending], dtype=torch.float32)).tolist()
+        log_every = self.cfg.log_every or 0
+        for (step, _, _, norm, lr), loss in zip(self.pending, losses):
+            if log_every and step % log_every == 0:
+                values = {"train/loss": loss, "train/learning_rate": lr,
+                          "train/epoch": round(step / max(len(self.train_loader), 1), 4),
+                          "train/global_step": step}
+                if norm is not None:
+                    values["train/grad_norm"] = float(norm)
+                self.recorder.log("step", **values)
+        self.pending.clear()
+        self.last_loss = losses[-1]
+        return losses
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        engine, built = self.engine, self.built
+        engine.train(False)
+        t0 = now(self.ctx.device)
+        sums = torch.zeros(len(self.eval_keys), dtype=torch.float64, device=self.ctx.device)
+        steps = samples = 0
+        for x, y, n in self.test_loader:
+            out = engine.eval_step(x)
+            steps += 1
+            samples += n
+            if out is not None and engine.counts_outputs:
+                batch = built.eval_sums(out, y)
+                sums += torch.stack([batch[k].to(torch.float64) for k in self.eval_keys])
+        all_reduce_sum(sums, self.ctx)
+        runtime = now(self.ctx.device) - t0
+        engine.train(True)
+        metrics = built.summarize(dict(zip(self.eval_keys, sums.tolist())))
+        metrics.update({"runtime": runtime, "samples_per_second": samples / runtime if runtime else 0.0,
+                        "steps_per_second": steps / runtime if runtime else 0.0})
+        return metrics
+
+    def _log_eval(self, metrics: dict[str, float]) -> None:
+        s = self.state
+        names = {"test_accuracy": "eval/accuracy", "test_loss": "eval/loss"}
+        values = {names.get(k, "eval/" + k): v for k, v in metrics.items()}
+        self.recorder.log("eval", **values, **{"train/epoch": round(s.global_step / max(len(self.train_loader), 1), 4),
+                                               "train/global_step": s.global_step})
+        s.eval_curve.append({"epoch": s.epoch + 1, "global_step": s.global_step, **metrics})
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> LoopState:
+        cfg, ctx, engine, s = self.cfg, self.ctx, self.engine, self.state
+        steps_per_epoch = len(self.train_loader)
+        if ctx.distributed and ctx.world_size > 1:
+            dist.barrier()
+        engine.train(True)
+        while s.epoch < cfg.epochs and not s.stop_requested:
+            self.train_loader.set_epoch(s.epoch)
+            epoch_losses: list[float] = []
+            epoch_counts: list[int] = []
+            t_epoch = now(ctx.device)
+            t_paused = 0.0
+            for x, y, n in self._skip_done(self.train_loader):
+                t_step = time.perf_counter()
+                if self.startup_seconds is None and T0_ENV in os.environ:
+                    self.startup_seconds = time.time() - float(os.environ[T0_ENV])
+                loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
+                if self.first_step_seconds is None:
+                    self.first_step_seconds = now(ctx.device) - t_step
+                s.global_step += 1
+                s.step_in_epoch += 1
+                s.samples += n
+                self.pending.append((s.global_step, loss_sum if engine.counts_outputs else torch.zeros_like(loss_sum),
+                                     n, grad_norm, engine.lr()))
+                epoch_counts.append(n)
+                self.progress.step(s.epoch, n * (self.tokens_per_sample or 1),
+                                   lambda: (loss_sum.item() / max(n, 1) * engine.dp_size) if engine.counts_outputs
+                                   else self.last_loss)
+                if cfg.eval_every and s.global_step % cfg.eval_every == 0:
+                    t_pause = now(ctx.device)
+                    epoch_losses += self.flush()
+                    self._log_eval(self.evaluate())
+                    t_paused += now(ctx.device) - t_pause
+                pause = self._run_hooks()
+                t_paused += pause
+                if s.stop_requested:
+                    break
+            epoch_losses += self.flush()
+            t_train = now(ctx.device) - t_epoch - t_paused
+            if ctx.distributed and ctx.world_size > 1:
+                # An epoch ends when its slowest rank ends: agree on the time.
+                t = torch.tensor([t_train], dtype=torch.float64, device=ctx.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                t_train = float(t.item())
+            s.train_seconds += t_train
+            if s.stop_requested and s.step_in_epoch < steps_per_epoch:
+                break
+            self.step_seconds.append(t_train / max(len(epoch_counts), 1))
+            mean_loss = (sum(l * c for l, c in zip(epoch_losses, epoch_counts)) / max(sum(epoch_counts), 1)
+                         if epoch_losses else float("nan"))
+            s.loss_curve.append(mean_loss)
+            metrics = self.evaluate()
+            self._log_eval(metrics)
+            self.recorder.log("epoch", **{"train/epoch": s.epoch + 1, "train/loss": mean_loss,
+                                          "train/global_step": s.global_step, "train/seconds": t_train,
+                                          "train/samples_per_second": sum(epoch_counts) / t_train if t_train else 0.0,
+                                          "train/learning_rate": engine.lr()},
+                              **{("eval/" + k.replace("test_", "")): v for k, v in metrics.items()
+                                 if k.startswith("test_")})
+            acc = metrics.get("test_accuracy")
+            every = max(1, cfg.epochs // 10)  # at most ~10 epoch lines, the last always
+            if (s.epoch + 1) % every == 0 or s.epoch + 1 == cfg.epochs:
+                self.progress.message(
+                    f"epoch {s.epoch + 1}/{cfg.epochs}: train loss {mean_loss:.4f}"
+                    + (f", test accuracy {acc:.4f}" if acc is not None else "")
+                    + (f", eval loss {metrics['test_loss']:.4f}" if "test_loss" in metrics and acc is None else "")
+                    + f", {t_train:.2f}s")
+            s.epoch += 1
+            s.step_in_epoch = 0
+        self.progress.close()
+        return s
+
+    def _skip_done(self, loader):
+        """When resuming mid-epoch, skip the batches already trained (same order: same seed and epoch)."""
+        skip = self.state.step_in_epoch
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            yield batch
+
+    def _run_hooks(self) -> float:
+        if not self.hooks.after_step:
+            return 0.0
+        t0 = now(self.ctx.device)
+        for hook in self.hooks.after_step:
+            hook(self)
+        return now(self.ctx.device) - t0
+
+
+def final_eval(state: LoopState) -> dict[str, float]:
+    return state.eval_curve[-1] if state.eval_curve else {}
+
+
+def finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
