@@ -1,8 +1,149 @@
-"""``parallelnn bench``: runs plus a comparison, written next to the runs' records."""
+"""``parallelnn bench``: tables of runs, each run a normal run with its own record, plus a comparison.
+
+* ``bench seed``: the study's six rows (Iris baseline, Iris with DataLoader workers, Iris on MPS,
+  MNIST baseline, MNIST on MPS, MNIST on CUDA) on whatever this machine has, beside the study's own
+  figures, plus our fast path (the memory loader) as extra rows.
+* ``bench scaling WORKLOAD``: every strategy that applies, at 1..N processes.
+
+Tables go to stdout and, as Markdown and CSV, next to the records; reports (``parallelnn report``)
+can be made from the same records afterwards.
+"""
 
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any
+
+from parallelnn.config import RunConfig, validate
+from parallelnn.errors import UserError
+
+# The study's figures: (label, workload, device, loader, workers or None for --workers, seconds, accuracy).
+SEED_ROWS = (
+    ("Iris baseline", "iris", "cpu", "dataloader", 0, 0.28, 1.00),
+    ("Iris batch loading + workers", "iris", "cpu", "dataloader", None, 2.73, 1.00),
+    ("Iris on MPS", "iris", "mps", "dataloader", 0, 1.61, 1.00),
+    ("MNIST baseline", "mnist", "cpu", "dataloader", 0, 316.18, 0.9909),
+    ("MNIST on MPS", "mnist", "mps", "dataloader", 0, 72.64, 0.9912),
+    ("MNIST on CUDA", "mnist", "cuda", "dataloader", 0, 148.9, 0.9805),
+)
+# Our fast path, which the study did not have.
+FAST_ROWS = (
+    ("Iris fast path (ours)", "iris", "cpu", "memory", 0),
+    ("MNIST fast path (ours)", "mnist", "cpu", "memory", 0),
+    ("MNIST fast path on MPS (ours)", "mnist", "mps", "memory", 0),
+    ("MNIST fast path on CUDA (ours)", "mnist", "cuda", "memory", 0),
+)
+SEED_COLUMNS = ("row", "dataset", "device", "loader", "workers", "epochs", "train_seconds", "test_accuracy",
+                "samples_per_second", "mfu", "study_seconds", "study_accuracy", "note")
+
+
+def device_missing(device: str) -> str | None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "skipped: no CUDA device on this machine"
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "skipped: no Apple MPS on this machine"
+    return None
 
 
 def add_parser(verbs) -> None:
     p = verbs.add_parser("bench", help="run a table of configurations and compare them")
-    p.set_defaults(handler=lambda ns: 0)
+    kinds = p.add_subparsers(dest="bench", metavar="KIND", parser_class=type(p))
+    seed = kinds.add_parser("seed", help="the study's six rows beside its figures, plus our fast path")
+    seed.add_argument("--epochs", type=int, help="epochs for every row (default: each workload's)")
+    seed.add_argument("--limit", type=int, help="use the first N training samples in every row")
+    seed.add_argument("--workers", type=int, default=4, help="workers of the 'batch loading + workers' row")
+    seed.add_argument("--mnist-data", metavar="DIR", help="MNIST IDX directory (default: the embedded 5k subset)")
+    seed.add_argument("--out", metavar="DIR", help="where records and tables go (default runs/bench-seed-<time>)")
+    seed.add_argument("--quiet", action="store_true", help="no progress output")
+    seed.set_defaults(handler=cmd_seed)
+    p.set_defaults(handler=lambda ns: (_ for _ in ()).throw(UserError("bench needs a kind: seed or scaling")))
+    try:
+        from parallelnn import scaling
+    except ImportError:
+        return
+    scaling.add_parser(kinds)
+
+
+def bench_dir(out: str | None, kind: str) -> Path:
+    if out:
+        path = Path(out)
+    else:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"bench-{kind}-{stamp}"
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"--out {path} exists and is not empty")
+    return path
+
+
+def slug(label: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def run_rows(rows: list[tuple[str, RunConfig | None, str]], log) -> list[tuple[str, dict | None, str]]:
+    """Run each (label, config, note) row whose config is not None; a failing row is noted, not fatal."""
+    from parallelnn.runner import execute
+
+    results = []
+    for label, cfg, note in rows:
+        if cfg is None:
+            log(f"{label}: {note}")
+            results.append((label, None, note))
+            continue
+        log(f"{label}: {cfg.command}")
+        try:
+            record = execute(cfg)
+        except UserError as err:
+            record, note = None, f"failed: {err}"
+            log(f"{label}: {note}")
+        results.append((label, record, note))
+    return results
+
+
+def cmd_seed(ns: argparse.Namespace) -> int:
+    from parallelnn.report import print_table, write_table
+
+    out = bench_dir(ns.out, "seed")
+    log = (lambda m: None) if ns.quiet else (lambda m: print(m, flush=True))
+    rows = []
+    specs = [(label, wl, dev, loader, ns.workers if workers is None else workers, sec, acc)
+             for label, wl, dev, loader, workers, sec, acc in SEED_ROWS]
+    specs += [(label, wl, dev, loader, workers, None, None) for label, wl, dev, loader, workers in FAST_ROWS]
+    for label, workload, device, loader, workers, _, _ in specs:
+        missing = device_missing(device)
+        if missing:
+            if (label, workload) in [(r[0], r[1]) for r in FAST_ROWS]:
+                continue  # an absent device's fast-path row is just left out
+            rows.append((label, None, missing))
+            continue
+        cfg = RunConfig(workload=workload, device=device, loader=loader, workers=workers, epochs=ns.epochs,
+                        limit=ns.limit, data=ns.mnist_data if workload == "mnist" else None,
+                        out=str(out / slug(label)), quiet=ns.quiet)
+        validate(cfg)
+        argv = [workload, "--device", device, "--loader", loader, "--out", cfg.out]
+        argv += ["--workers", str(workers)] if workers else []
+        argv += ["--epochs", str(ns.epochs)] if ns.epochs else []
+        argv += ["--limit", str(ns.limit)] if ns.limit else []
+        argv += ["--data", ns.mnist_data] if ns.mnist_data and workload == "mnist" else []
+        rows.append((label, dataclasses.replace(cfg, command="parallelnn run " + " ".join(argv)), ""))
+    results = run_rows(rows, log)
+    study = {s[0]: (s[5], s[6]) for s in specs}
+    table = []
+    for label, record, note in results:
+        study_s, study_acc = study.get(label, (None, None))
+        row: dict[str, Any] = {"row": label, "study_seconds": study_s, "study_accuracy": study_acc, "note": note}
+        if record:
+            row.update({k: record.get(k) for k in SEED_COLUMNS if k in record})
+        table.append(row)
+    paths = write_table(table, SEED_COLUMNS, out / "seed")
+    print_table(table, SEED_COLUMNS)
+    print(f"study: the paper's figures (full MNIST, its own hardware); ours: this machine. Tables: "
+          f"{', '.join(str(p) for p in paths)}")
+    return 0

@@ -19,6 +19,10 @@ from parallelnn.errors import EXIT_USER_ERROR, UserError, report_user_error
 from parallelnn.launch import T0_ENV
 
 
+# Modules that add a verb besides ``run`` (each has ``add_parser(verbs)``).
+VERBS = ("bench",)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem (exit 2), not a usage dump."""
 
@@ -41,7 +45,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("positional"):
-            p.add_argument(f.name, nargs="?", **kwargs)
+            p.add_argument(f.name, nargs="?", **{**kwargs, "default": None})
         elif meta.get("flag"):
             p.add_argument(option_name(f), action="store_true", **kwargs)
         elif meta.get("negatable"):
@@ -55,7 +59,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     if getattr(ns, "config", None):
         values.update(load_toml(ns.config))
     known = {f.name for f in config_fields()}
-    values.update({k: v for k, v in vars(ns).items() if k in known})
+    values.update({k: v for k, v in vars(ns).items() if k in known and v is not None})
     try:
         return RunConfig(**values)
     except TypeError as err:
@@ -74,15 +78,10 @@ def build_parser() -> Parser:
     add_run_options(run)
     run.set_defaults(handler=cmd_run)
 
-    from parallelnn import bench
+    import importlib
 
-    bench.add_parser(verbs)
-    for module in ("report", "info", "generate"):
-        try:
-            mod = __import__(f"parallelnn.{module}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(verbs)
+    for name in VERBS:  # each verb's module adds its own sub-parser
+        importlib.import_module(f"parallelnn.{name}").add_parser(verbs)
     return parser
 
 

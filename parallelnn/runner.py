@@ -120,6 +120,8 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         state = trainer.fit()
     finally:
         progress.close()
+        for loader in loaders:
+            loader.close()
 
     per_rank = _gather({"rank": ctx.rank, "host": os.uname().nodename,
                         "step_seconds": trainer.step_seconds,

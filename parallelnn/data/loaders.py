@@ -15,6 +15,8 @@ samples and interleaves ranks instead; we avoid the padding so losses match exac
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -62,30 +64,54 @@ def rank_share(batch: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return torch.tensor_split(batch, size)[rank] if size > 1 else batch
 
 
-class MemoryLoader:
-    """Whole split prepared once on the device; batches are index slices."""
+@dataclass
+class BatchPlan:
+    """Which samples this rank gets at each step of the current epoch."""
 
-    def __init__(self, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
-                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1):
-        self.inputs = split.prepare(split.inputs).to(device)
-        self.targets = split.targets.to(device)
-        self.n, self.batch_size, self.device = len(split), batch_size, device
-        self.shuffle, self.seed, self.dp_rank, self.dp_size = shuffle, seed, dp_rank, dp_size
-        self.epoch = 0
+    n: int
+    batch_size: int
+    shuffle: bool
+    seed: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    epoch: int = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[torch.Tensor]:
+    def global_batches(self) -> list[torch.Tensor]:
         return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
 
+    def rank_batches(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """(this rank's indices, global batch size) for each step."""
+        for batch in self.global_batches():
+            yield rank_share(batch, self.dp_rank, self.dp_size), len(batch)
+
+
+class _Loader:
+    """What both loaders share: the plan, epochs, length, and a no-op close."""
+
+    plan: BatchPlan
+
+    def set_epoch(self, epoch: int) -> None:
+        self.plan.epoch = epoch
+
     def __len__(self) -> int:
-        return len(self.batches())
+        return len(self.plan.global_batches())
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryLoader(_Loader):
+    """Whole split prepared once on the device; batches are index slices."""
+
+    def __init__(self, split: ArraySplit, plan: BatchPlan, device: torch.device):
+        self.plan, self.device = plan, device
+        self.inputs = split.prepare(split.inputs).to(device)
+        self.targets = split.targets.to(device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        for batch in self.batches():
-            idx = rank_share(batch, self.dp_rank, self.dp_size).to(self.device, non_blocking=True)
-            yield self.inputs.index_select(0, idx), self.targets.index_select(0, idx), len(batch)
+        for idx, n in self.plan.rank_batches():
+            idx = idx.to(self.device, non_blocking=True)
+            yield self.inputs.index_select(0, idx), self.targets.index_select(0, idx), n
 
 
 class _PerSample(Dataset):
@@ -104,55 +130,52 @@ class _PerSample(Dataset):
 class _RankBatches(Sampler):
     """Yields this rank's share of each global batch (see the module docstring)."""
 
-    def __init__(self, owner: "DataLoaderLoader"):
-        self.owner = owner
+    def __init__(self, plan: BatchPlan):
+        self.plan = plan
 
     def __len__(self) -> int:
-        return len(self.owner.batches())
+        return len(self.plan.global_batches())
 
     def __iter__(self):
-        o = self.owner
-        for batch in o.batches():
-            yield rank_share(batch, o.dp_rank, o.dp_size).tolist()
+        for idx, _ in self.plan.rank_batches():
+            yield idx.tolist()
 
 
-class DataLoaderLoader:
+class DataLoaderLoader(_Loader):
     """``torch.utils.data.DataLoader`` with per-sample preparation and worker processes."""
 
-    def __init__(self, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
-                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, workers: int = 0):
-        self.n, self.batch_size, self.device = len(split), batch_size, device
-        self.shuffle, self.seed, self.dp_rank, self.dp_size = shuffle, seed, dp_rank, dp_size
-        self.epoch = 0
+    def __init__(self, split: ArraySplit, plan: BatchPlan, device: torch.device, workers: int = 0):
+        self.plan, self.device = plan, device
         self.loader = DataLoader(
             _PerSample(split),
-            batch_sampler=_RankBatches(self),
+            batch_sampler=_RankBatches(plan),
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[torch.Tensor]:
-        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        for step, (x, y) in enumerate(self.loader):
-            global_n = min(self.batch_size, self.n - step * self.batch_size)
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), global_n
+        sizes = [n for _, n in self.plan.rank_batches()]
+        for (x, y), n in zip(self.loader, sizes):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n
+
+    def close(self) -> None:
+        """Stop the worker processes now (left to garbage collection, their shutdown can stall)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
 
 def make_loader(kind: str, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, workers: int = 0):
+    plan = BatchPlan(len(split), batch_size, shuffle, seed, dp_rank, dp_size)
     if kind == "memory":
-        return MemoryLoader(split, batch_size, device, shuffle=shuffle, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
-    return DataLoaderLoader(split, batch_size, device, shuffle=shuffle, seed=seed, dp_rank=dp_rank,
-                            dp_size=dp_size, workers=workers)
+        return MemoryLoader(split, plan, device)
+    if workers > (os.cpu_count() or 1):
+        # The user asked for it (the study's setting); torch's own warning about it is noise here.
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+    return DataLoaderLoader(split, plan, device, workers)
 
 
 def steps_per_epoch(n: int, batch_size: int, dp_size: int = 1) -> int:
