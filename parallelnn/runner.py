@@ -24,6 +24,7 @@ from parallelnn.progress import Progress
 from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
 from parallelnn.trainer import Hooks, Trainer, final_eval
 
+EVAL_TIMING = ("runtime", "samples_per_second", "steps_per_second")
 TIMING_NOTE = ("train_seconds: the training loops only (slowest rank), after a device sync; excludes data "
                "download and preparation, model building, evaluation, checkpoint saving and process start-up")
 
@@ -115,6 +116,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     unit = "tokens" if built.tokens_per_sample else "samples"
     progress = Progress(ctx.is_main and not cfg.quiet, len(loaders[0]) * cfg.epochs, cfg.epochs, unit=unit)
     trainer = Trainer(engine, built, cfg, ctx, loaders[0], loaders[1], recorder, progress, hooks)
+    trainer.flops_per_sample, trainer.peak_flops = flops, peak
     started = time.time()
     try:
         state = trainer.fit()
@@ -160,6 +162,15 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(out),
         **built.extra.get("record", {}),
     }
+    # Whatever else the workload's summary measured (e.g. perplexity) goes in too.
+    record.update({k: v for k, v in evaluation.items() if k not in record and k not in EVAL_TIMING and k not in
+                   ("epoch", "global_step")})
+    if built.tokens_per_sample:
+        record["tokens_per_sample"] = built.tokens_per_sample
+        record["tokens_seen"] = state.samples * built.tokens_per_sample
+        record["tokens_per_second"] = samples_per_second * built.tokens_per_sample
+    if record.get("test_loss") is not None:
+        record["eval_loss"] = record["test_loss"]
     if cfg.baseline:
         record.update(compare_to_baseline(record, read_record(cfg.baseline)))
     recorder.finish(record)

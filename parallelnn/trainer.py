@@ -33,6 +33,23 @@ def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 @dataclass
+class StepLog:
+    """One trained step awaiting its global loss (see :meth:`Trainer.flush`)."""
+
+    step: int
+    loss_sum: torch.Tensor
+    n: int
+    grad_norm: torch.Tensor | None
+    lr: float
+    interval: tuple[float, int] | None = None  # at log steps: (seconds, samples) since the previous one
+
+
+def eval_name(key: str) -> str:
+    """Summary key -> metric name: test_accuracy -> eval/accuracy, test_loss -> eval/loss, x -> eval/x."""
+    return "eval/" + key.removeprefix("test_")
+
+
+@dataclass
 class Hooks:
     """Optional callbacks at step boundaries (checkpointing, fault injection in tests)."""
 
@@ -60,7 +77,10 @@ class Trainer:
         self.hooks = hooks or Hooks()
         self.state = state or LoopState()
         self.eval_keys = tuple(built.extra.get("eval_keys", ("loss_sum", "correct", "count")))
-        self.pending: list[tuple[int, torch.Tensor, int, Any, float]] = []  # step, loss sum, n, grad norm, lr
+        self.pending: list[StepLog] = []
+        self.flops_per_sample = 0.0  # set by the runner, for the MFU of step events
+        self.peak_flops = 0.0
+        self._interval_start: tuple[float, int] | None = None
         self.first_step_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.step_seconds: list[float] = []
@@ -72,21 +92,37 @@ class Trainer:
         """Global per-step losses of the pending steps (one collective), written as step events."""
         if not self.pending:
             return []
-        sums = torch.stack([p[1].float() for p in self.pending])
+        sums = torch.stack([p.loss_sum.float() for p in self.pending])
         all_reduce_sum(sums, self.ctx)
-        losses = (sums.cpu() / torch.tensor([p[2] for p in self.pending], dtype=torch.float32)).tolist()
-        log_every = self.cfg.log_every or 0
-        for (step, _, _, norm, lr), loss in zip(self.pending, losses):
-            if log_every and step % log_every == 0:
-                values = {"train/loss": loss, "train/learning_rate": lr,
-                          "train/epoch": round(step / max(len(self.train_loader), 1), 4),
-                          "train/global_step": step}
-                if norm is not None:
-                    values["train/grad_norm"] = float(norm)
-                self.recorder.log("step", **values)
+        losses = (sums.cpu() / torch.tensor([p.n for p in self.pending], dtype=torch.float32)).tolist()
+        for p, loss in zip(self.pending, losses):
+            if p.interval is None:
+                continue
+            values = {"train/loss": loss, "train/learning_rate": p.lr,
+                      "train/epoch": round(p.step / max(len(self.train_loader), 1), 4), "train/global_step": p.step}
+            if p.grad_norm is not None:
+                values["train/grad_norm"] = float(p.grad_norm)
+            seconds, samples = p.interval
+            if seconds > 0:
+                values["train/samples_per_second"] = samples / seconds
+                if self.tokens_per_sample:
+                    values["train/tokens_per_second"] = samples * self.tokens_per_sample / seconds
+                if self.peak_flops:
+                    values["mfu"] = samples * self.flops_per_sample / seconds / self.peak_flops
+            self.recorder.log("step", **values)
         self.pending.clear()
         self.last_loss = losses[-1]
         return losses
+
+    def _log_point(self, step: int) -> tuple[float, int] | None:
+        """At every --log-every-th step: (seconds, samples) since the last log point, after a device sync."""
+        log_every = self.cfg.log_every or 0
+        if not log_every or step % log_every:
+            return None
+        t, samples = now(self.ctx.device), self.state.samples
+        start_t, start_samples = self._interval_start
+        self._interval_start = (t, samples)
+        return t - start_t, samples - start_samples
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -112,8 +148,7 @@ class Trainer:
 
     def _log_eval(self, metrics: dict[str, float]) -> None:
         s = self.state
-        names = {"test_accuracy": "eval/accuracy", "test_loss": "eval/loss"}
-        values = {names.get(k, "eval/" + k): v for k, v in metrics.items()}
+        values = {eval_name(k): v for k, v in metrics.items()}
         self.recorder.log("eval", **values, **{"train/epoch": round(s.global_step / max(len(self.train_loader), 1), 4),
                                                "train/global_step": s.global_step})
         s.eval_curve.append({"epoch": s.epoch + 1, "global_step": s.global_step, **metrics})
@@ -130,6 +165,7 @@ class Trainer:
             epoch_losses: list[float] = []
             epoch_counts: list[int] = []
             t_epoch = now(ctx.device)
+            self._interval_start = (t_epoch, s.samples)
             t_paused = 0.0
             for x, y, n in self._skip_done(self.train_loader):
                 t_step = time.perf_counter()
@@ -141,8 +177,9 @@ class Trainer:
                 s.global_step += 1
                 s.step_in_epoch += 1
                 s.samples += n
-                self.pending.append((s.global_step, loss_sum if engine.counts_outputs else torch.zeros_like(loss_sum),
-                                     n, grad_norm, engine.lr()))
+                self.pending.append(StepLog(s.global_step, loss_sum if engine.counts_outputs
+                                            else torch.zeros_like(loss_sum), n, grad_norm, engine.lr(),
+                                            self._log_point(s.global_step)))
                 epoch_counts.append(n)
                 self.progress.step(s.epoch, n * (self.tokens_per_sample or 1),
                                    lambda: (loss_sum.item() / max(n, 1) * engine.dp_size) if engine.counts_outputs
@@ -151,9 +188,10 @@ class Trainer:
                     t_pause = now(ctx.device)
                     epoch_losses += self.flush()
                     self._log_eval(self.evaluate())
-                    t_paused += now(ctx.device) - t_pause
-                pause = self._run_hooks()
-                t_paused += pause
+                    t_paused += self._paused_since(t_pause)
+                t_pause = time.perf_counter()
+                if self._run_hooks():
+                    t_paused += self._paused_since(t_pause)
                 if s.stop_requested:
                     break
             epoch_losses += self.flush()
@@ -176,8 +214,7 @@ class Trainer:
                                           "train/global_step": s.global_step, "train/seconds": t_train,
                                           "train/samples_per_second": sum(epoch_counts) / t_train if t_train else 0.0,
                                           "train/learning_rate": engine.lr()},
-                              **{("eval/" + k.replace("test_", "")): v for k, v in metrics.items()
-                                 if k.startswith("test_")})
+                              **{eval_name(k): v for k, v in metrics.items() if k.startswith("test_")})
             acc = metrics.get("test_accuracy")
             every = max(1, cfg.epochs // 10)  # at most ~10 epoch lines, the last always
             if (s.epoch + 1) % every == 0 or s.epoch + 1 == cfg.epochs:
@@ -199,13 +236,17 @@ class Trainer:
                 continue
             yield batch
 
-    def _run_hooks(self) -> float:
-        if not self.hooks.after_step:
-            return 0.0
-        t0 = now(self.ctx.device)
+    def _paused_since(self, t_pause: float) -> float:
+        """Seconds since ``t_pause`` (after a sync), also left out of the current logging interval."""
+        paused = now(self.ctx.device) - t_pause
+        t, samples = self._interval_start
+        self._interval_start = (t + paused, samples)
+        return paused
+
+    def _run_hooks(self) -> bool:
         for hook in self.hooks.after_step:
             hook(self)
-        return now(self.ctx.device) - t0
+        return bool(self.hooks.after_step)
 
 
 def final_eval(state: LoopState) -> dict[str, float]:

@@ -42,11 +42,16 @@ class Built:
     summarize: Callable[[dict[str, float]], dict[str, float]]
     # The model as an ordered list of layers, for pipeline stages (None: cannot be pipelined).
     layers: Callable[[nn.Module], list[nn.Module]] | None = None
+    # The modules FSDP shards one by one (then the root); None: each parameterised entry of ``layers``.
+    blocks: Callable[[nn.Module], list[nn.Module]] | None = None
     # model, tp_mesh -> names of modules left replicated; None: the tensor strategy's generic plan.
     tensor_plan: Callable[[nn.Module, Any], list[str]] | None = None
     # Called on rank 0 with a full (unsharded) state dict when training ends, e.g. to save the model.
     save: Callable[[dict[str, torch.Tensor], str], None] | None = None
+    # Tokens per sample (sequence) for language models: throughput is then also reported in tokens/s.
     tokens_per_sample: int | None = None
+    # Optional: "eval_keys" (names eval_sums returns), "track_grad_norm" (log train/grad_norm),
+    # "record" (extra keys for record.json).
     extra: dict[str, Any] = field(default_factory=dict)
 
 
