@@ -62,7 +62,8 @@ class RunConfig:
     out: str | None = opt(None, "run directory (default runs/<UTC time>-<workload>-<strategy>)", metavar="DIR")
     overwrite: bool = opt(False, "replace a record already in --out", flag=True)
     quiet: bool = opt(False, "no progress output", flag=True)
-    log_every: int | None = opt(None, "write train metrics every N steps (default: the workload's)", metavar="N")
+    log_every: int | None = opt(None, "write train metrics every N steps; 0: per epoch only (default: the "
+                                "workload's)", metavar="N")
     eval_every: int | None = opt(None, "evaluate every N steps as well as after each epoch", metavar="N")
     baseline: str | None = opt(None, "single-process record.json to compute speedup/efficiency against",
                                metavar="RECORD")
@@ -174,10 +175,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise UserError(f"unknown backend '{cfg.backend}': choose one of {', '.join(BACKENDS)}")
     for name in ("epochs", "batch_size", "lr", "limit", "threads", "nproc", "nnodes", "grad_accum",
-                 "log_every", "eval_every", "microbatches", "checkpoint_every", "keep", "context",
+                 "eval_every", "microbatches", "checkpoint_every", "keep", "context",
                  "eval_pass_at_k", "timeout", "rdzv_timeout"):
         _positive(cfg, name)
-    for name in ("workers", "max_restarts", "node_rank", "max_grad_norm", "warmup_steps"):
+    for name in ("workers", "max_restarts", "node_rank", "max_grad_norm", "warmup_steps", "log_every"):
         _positive(cfg, name, allow_zero=True)
     if not 0 < cfg.test_size < 1:
         raise UserError(f"--test-size must be between 0 and 1, got {cfg.test_size}")

@@ -28,6 +28,8 @@ from parallelnn.errors import EXIT_USER_ERROR, UserError
 
 # Set by the launching command, inherited by every rank: when the user pressed enter.
 T0_ENV = "PARALLELNN_T0"
+# Set for ranks that `parallelnn run --nproc N` spawned itself (so only the parent prints a summary).
+SPAWNED_ENV = "PARALLELNN_SPAWNED"
 
 
 @dataclass
@@ -173,6 +175,11 @@ def init(cfg, device_name: str) -> Context:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Free pipeline stages and meshes still holding process groups before the groups go:
+        # a group destroyed at interpreter exit may abort ("terminate called without an active exception").
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -197,8 +204,8 @@ def spawn(cfg, argv: list[str]) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # torchrun's agent logs every state change; our users want our one-line messages instead.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    logging.getLogger("torch.distributed.launcher").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.launcher").setLevel(logging.CRITICAL)
     if cfg.nnodes > 1:
         endpoint, run_id = cfg.rdzv_endpoint, "parallelnn-" + cfg.rdzv_endpoint.replace(":", "-")
     else:  # like torchrun --standalone: a private rendezvous on a free local port
@@ -211,6 +218,7 @@ def spawn(cfg, argv: list[str]) -> None:
         max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
     env_before = os.environ.get("OMP_NUM_THREADS")
+    os.environ[SPAWNED_ENV] = "1"
     try:
         elastic_launch(config, sys.executable)("-m", "parallelnn", *argv)
     except ChildFailedError as err:
@@ -225,5 +233,6 @@ def spawn(cfg, argv: list[str]) -> None:
         raise LaunchFailed(f"could not start the job through {endpoint}: {' '.join(str(err).split())}",
                            EXIT_USER_ERROR) from None
     finally:
+        os.environ.pop(SPAWNED_ENV, None)
         if env_before is None:
             os.environ.pop("OMP_NUM_THREADS", None)

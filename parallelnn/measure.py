@@ -11,8 +11,10 @@ MFU = achieved FLOP/s / peak FLOP/s, where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import platform
 import socket
 import time
@@ -86,40 +88,93 @@ def _cache_file() -> Path:
     return cache_dir() / "peak.json"
 
 
-def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
+def _cache_key(device: torch.device, dtype: torch.dtype | str) -> str:
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     return f"{socket.gethostname()}|{device_label(device)}|{dtype}|threads={threads}|torch={torch.__version__}"
+
+
+def _cached(key: str, probe, refresh: bool) -> float:
+    """The cached value of ``key`` in peak.json, or ``probe()`` measured now and stored."""
+    path = _cache_file()
+    cache = {}
+    if path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache and not refresh:
+        return float(cache[key])
+    value = probe()
+    cache[key] = value
+    try:
+        from parallelnn.record import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    except OSError:
+        pass  # an unwritable cache costs a re-probe next time, nothing more
+    return value
+
+
+class _all_cores:
+    """On CPU, probe with every core (as a whole machine's peak), then give the thread count back."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.saved = device, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, refresh: bool = False) -> float:
     """Peak matmul FLOP/s of one device (on CPU: with all cores), measured once per machine and cached."""
     device = torch.device(device)
-    saved_threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        key = _cache_key(device, dtype)
-        path = _cache_file()
-        cache = {}
-        if path.is_file():
-            try:
-                cache = json.loads(path.read_text())
-            except (OSError, ValueError):
-                cache = {}
-        if key in cache and not refresh:
-            return float(cache[key])
-        value = _probe(device, dtype)
-        cache[key] = value
-        try:
-            from parallelnn.record import atomic_write_text
+    with _all_cores(device):
+        return _cached(_cache_key(device, dtype), lambda: _probe(device, dtype), refresh)
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(cache, indent=1))
-        except OSError:
-            pass  # an unwritable cache costs a re-probe next time, nothing more
-        return value
-    finally:
-        torch.set_num_threads(saved_threads)
+
+def peak_tf32_flops(device: torch.device, refresh: bool = False) -> float:
+    """Peak fp32 matmul FLOP/s with TF32 tensor cores allowed (CUDA only; fp32 results, 10-bit mantissa)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError("TF32 is a CUDA matmul mode")
+
+    def probe() -> float:
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return _probe(device, torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+
+    return _cached(_cache_key(device, "tf32"), probe, refresh)
+
+
+def _bandwidth_probe(device: torch.device, seconds: float = 0.3) -> float:
+    # A copy larger than any cache, so it streams from memory: 128 MiB on CPU, 1 GiB on a GPU.
+    n = (32 if device.type == "cpu" else 256) * 2**20
+    src = torch.ones(n, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: first touch of the pages, kernel start
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        t0 = now(device)
+        dst.copy_(src)
+        dt = now(device) - t0
+        best = max(best, 2 * src.numel() * src.element_size() / dt)  # bytes read + bytes written
+    return best
+
+
+def peak_bandwidth(device: torch.device, refresh: bool = False) -> float:
+    """Memory bandwidth in bytes/s (read + write of a large copy; on CPU with all cores), cached per machine."""
+    device = torch.device(device)
+    with _all_cores(device):
+        return _cached(_cache_key(device, "copy-bandwidth"), lambda: _bandwidth_probe(device), refresh)
 
 
 def mfu(flops_per_sample_: float, samples_per_second: float, peak: float) -> float:
@@ -135,3 +190,66 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# Events of the collective work itself, as the profiler names them: gloo's own ops on its worker
+# threads and NCCL's kernels on the GPU. (The c10d::* dispatch events on the main thread only enqueue
+# that work, so they are not counted: that would count it twice.)
+COMM_EVENT_PREFIXES = ("gloo:", "nccl")
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence file descriptor 2 for a moment: the profiler's C++ side prints a line to it at every
+    start and stop, which would land in the user's terminal in the middle of the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class CommProbe:
+    """Time spent in collectives over a short window of training steps, per rank, via torch.profiler.
+
+    ``comm_seconds`` is the per-step duration of collective operations, which on both backends can
+    overlap computation (DDP reduces buckets during backward); ``comm_share`` = comm / step time
+    (capped at 1) is therefore "how much of the step had communication in flight", not exposed time.
+    """
+
+    def __init__(self, device: torch.device, first_step: int = 2, steps: int = 3):
+        self.device, self.first, self.last = device, first_step, first_step + steps - 1
+        self.profiler = None
+        self.t0 = 0.0
+        self.result: dict[str, float] = {}
+
+    def before_step(self, step: int) -> None:
+        if step != self.first:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.profiler = profile(activities=activities)
+        with _quiet_fd2():
+            self.profiler.__enter__()
+        self.t0 = now(self.device)
+
+    def after_step(self, step: int) -> None:
+        if self.profiler is None or step != self.last:
+            return
+        wall = now(self.device) - self.t0
+        with _quiet_fd2():
+            self.profiler.__exit__(None, None, None)
+        comm = 0.0
+        for event in self.profiler.key_averages():
+            if event.key.startswith(COMM_EVENT_PREFIXES):
+                device_time = getattr(event, "device_time_total", 0) or 0
+                comm += (device_time if "nccl" in event.key and device_time else event.cpu_time_total) / 1e6
+        self.profiler = None
+        n = self.last - self.first + 1
+        self.result = {"profiled_steps": n, "step_seconds": wall / n, "comm_seconds": comm / n,
+                       "comm_share": min(1.0, comm / wall) if wall > 0 else 0.0}

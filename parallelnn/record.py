@@ -132,6 +132,10 @@ class Recorder:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        for sink in self.sinks:  # e.g. TensorBoard's writer, which buffers
+            if hasattr(sink, "close"):
+                sink.close()
+        self.sinks = []
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:

@@ -77,6 +77,10 @@ def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None
 
 
 def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[str, Any] | None:
+    if cfg.tensorboard:  # before any data or model work: a missing package is a one-line error
+        from parallelnn import tboard
+
+        tboard.require()
     threads = launch.set_threads(cfg.threads, ctx.local_world_size)
     out = Path(_agree(cfg.out or default_out(cfg), ctx))
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
@@ -98,9 +102,9 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     flops = measure.flops_per_sample(built.model, built.loss_fn, sample.prepare(sample.inputs), sample.targets)
     peak = _peak(ctx) * (ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes)
 
-    # Build the engine first: it knows the data-parallel layout the loaders follow.
-    dp_probe = strategy.dp_layout(cfg, ctx) if hasattr(strategy, "dp_layout") else (0, 1)
-    total_steps = steps_per_epoch(len(built.train), cfg.batch_size, dp_probe[1]) * cfg.epochs
+    # The engine comes first: it knows the data-parallel layout the loaders follow.
+    dp = strategy.dp_degree(cfg, ctx.world_size) if hasattr(strategy, "dp_degree") else 1
+    total_steps = steps_per_epoch(len(built.train), cfg.batch_size, dp) * cfg.epochs
     engine = strategy.apply(built.model, built, cfg, ctx, total_steps)
     loaders = [make_loader(cfg.loader, split, cfg.batch_size, ctx.device, shuffle=shuffle, seed=cfg.seed,
                            dp_rank=engine.dp_rank, dp_size=engine.dp_size, workers=cfg.workers)
@@ -110,6 +114,8 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
                         f"{engine.dp_size} data-parallel ranks")
 
     recorder = Recorder(out, enabled=ctx.is_main, append=bool(cfg.resume) or ctx.restart_count > 0)
+    if cfg.tensorboard and ctx.is_main:
+        recorder.sinks.append(tboard.TensorBoardSink(out))
     if ctx.is_main:
         log(f"{cfg.workload} on {built.dataset}: {cfg.strategy} x{ctx.world_size} on {ctx.device.type}, "
             f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
@@ -129,11 +135,14 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
                         "step_seconds": trainer.step_seconds,
                         "first_step_seconds": trainer.first_step_seconds,
                         "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
+                        **(trainer.comm_probe.result if trainer.comm_probe else {}),
                         **engine.describe.get("per_rank", {})}, ctx)
-    if built.save is not None:
-        state_dict = engine.full_state_dict() if hasattr(engine, "full_state_dict") else engine.module.state_dict()
-        if ctx.is_main:
+    state_dict = engine.full_state_dict()  # collective: every rank takes part
+    if ctx.is_main:
+        if built.save is not None:
             built.save(state_dict, str(out / "model"))
+        else:
+            save_weights(state_dict, out / "model.safetensors")
     if not ctx.is_main:
         recorder.close()
         return None
@@ -178,6 +187,16 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     return record
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Final weights as safetensors (cloned: tied weights must not share storage), atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous().clone() for k, v in state_dict.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Speedup (throughput ratio) and efficiency (speedup per process) against a single-process record."""
     if base.get("workload") != record["workload"] or base.get("dataset") != record["dataset"]:
@@ -194,6 +213,10 @@ def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[st
 def preflight(cfg: RunConfig) -> RunConfig:
     """Before any process is spawned: every check that needs the data and model but no process group."""
     cfg = with_defaults(cfg)
+    if cfg.tensorboard:
+        from parallelnn import tboard
+
+        tboard.require()
     device = launch.resolve_device(cfg.device)
     if cfg.strategy != "single":
         launch.check_backend(cfg.backend, device)
@@ -219,6 +242,8 @@ def run_command(cfg: RunConfig) -> int:
 
         validate(cfg)
         record = execute(cfg)
+        if os.environ.get(launch.SPAWNED_ENV):
+            return 0  # the parent that spawned this rank prints the summary
     elif cfg.world_size > 1:
         cfg = preflight(cfg)
         try:

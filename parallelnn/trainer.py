@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from parallelnn.launch import T0_ENV, Context
-from parallelnn.measure import now
+from parallelnn.measure import CommProbe, now
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder
 
@@ -81,6 +81,8 @@ class Trainer:
         self.flops_per_sample = 0.0  # set by the runner, for the MFU of step events
         self.peak_flops = 0.0
         self._interval_start: tuple[float, int] | None = None
+        # Multi-rank runs profile a few early steps to see how much time collectives take.
+        self.comm_probe = CommProbe(ctx.device) if ctx.distributed and ctx.world_size > 1 else None
         self.first_step_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.step_seconds: list[float] = []
@@ -132,7 +134,7 @@ class Trainer:
         sums = torch.zeros(len(self.eval_keys), dtype=torch.float64, device=self.ctx.device)
         steps = samples = 0
         for x, y, n in self.test_loader:
-            out = engine.eval_step(x)
+            out = engine.eval_step(x, y)
             steps += 1
             samples += n
             if out is not None and engine.counts_outputs:
@@ -171,7 +173,11 @@ class Trainer:
                 t_step = time.perf_counter()
                 if self.startup_seconds is None and T0_ENV in os.environ:
                     self.startup_seconds = time.time() - float(os.environ[T0_ENV])
+                if self.comm_probe:
+                    self.comm_probe.before_step(s.global_step + 1)
                 loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
+                if self.comm_probe:
+                    self.comm_probe.after_step(s.global_step + 1)
                 if self.first_step_seconds is None:
                     self.first_step_seconds = now(ctx.device) - t_step
                 s.global_step += 1

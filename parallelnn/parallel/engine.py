@@ -53,6 +53,12 @@ def total_grad_norm(parameters, group=None) -> torch.Tensor:
     return squared.sqrt()
 
 
+def contiguous_layout(model: nn.Module) -> nn.Module:
+    """Undo a channels_last layout the workload chose for speed: FSDP2 shards only contiguous
+    parameters, and pipeline stages send only contiguous activations."""
+    return model.to(memory_format=torch.contiguous_format)
+
+
 class Engine:
     """Forward, backward and optimizer step of a model that runs whole on this rank (possibly wrapped)."""
 
@@ -122,9 +128,22 @@ class Engine:
         return total, self._step_optimizer()
 
     @torch.no_grad()
-    def eval_step(self, x: torch.Tensor) -> torch.Tensor | None:
+    def eval_step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
         with self.autocast():
             return self.module(x)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights under the original model's names, on CPU (every rank must call
+        it when distributed: it gathers shards)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        else:
+            state = self.module.state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()}
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
