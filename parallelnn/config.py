@@ -19,6 +19,11 @@ from typing import Any
 
 from parallelnn.errors import UserError
 
+# Environment shared between the command a user typed and the ranks it starts.
+T0_ENV = "PARALLELNN_T0"  # when the user pressed enter (start-up time is measured from it)
+SPAWNED_ENV = "PARALLELNN_SPAWNED"  # set in ranks that `run --nproc N` spawned: the parent prints the summary
+QUIET_CPP_ENV = "PARALLELNN_QUIET_CPP"  # the CLI set TORCH_CPP_LOG_LEVEL for itself only
+
 WORKLOADS = ("iris", "mnist", "gpt2")
 STRATEGIES = ("single", "ddp", "fsdp", "pipeline", "tensor", "hybrid")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -163,8 +168,12 @@ def _positive(cfg: RunConfig, name: str, allow_zero: bool = False) -> None:
         raise UserError(f"--{name.replace('_', '-')} must be {need}, got {value}")
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check everything that needs no model or data; raise UserError on the first problem."""
+def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
+    """Check everything that needs no model or data; raise UserError on the first problem.
+
+    ``launching=False`` for a rank of a job torchrun or srun started: the machines are already
+    together, so the rendezvous options do not apply.
+    """
     if cfg.workload is None:
         raise UserError("no workload given: choose one of " + ", ".join(WORKLOADS))
     for name, allowed in (("workload", WORKLOADS), ("strategy", STRATEGIES), ("device", DEVICES),
@@ -182,9 +191,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(cfg, name, allow_zero=True)
     if not 0 < cfg.test_size < 1:
         raise UserError(f"--test-size must be between 0 and 1, got {cfg.test_size}")
-    if cfg.node_rank >= cfg.nnodes:
+    if launching and cfg.node_rank >= cfg.nnodes:
         raise UserError(f"--node-rank {cfg.node_rank} must be below --nnodes {cfg.nnodes}")
-    if cfg.nnodes > 1 and not cfg.rdzv_endpoint:
+    if launching and cfg.nnodes > 1 and not cfg.rdzv_endpoint:
         raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
     if cfg.rdzv_endpoint:
         host, _, port = cfg.rdzv_endpoint.rpartition(":")

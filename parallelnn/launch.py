@@ -26,10 +26,7 @@ import torch.distributed as dist
 
 from parallelnn.errors import EXIT_USER_ERROR, UserError
 
-# Set by the launching command, inherited by every rank: when the user pressed enter.
-T0_ENV = "PARALLELNN_T0"
-# Set for ranks that `parallelnn run --nproc N` spawned itself (so only the parent prints a summary).
-SPAWNED_ENV = "PARALLELNN_SPAWNED"
+from parallelnn.config import QUIET_CPP_ENV, SPAWNED_ENV, T0_ENV  # noqa: F401 - used by the ranks' code
 
 
 @dataclass
@@ -197,6 +194,39 @@ class LaunchFailed(Exception):
         self.exit_code = exit_code
 
 
+# What ranks report when a *peer* died first: consequences, not causes.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+             "NCCL communicator was aborted")
+
+
+def failure_message(failure) -> str:
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    message = str(message or "")
+    return "" if message.startswith("To enable traceback") else " ".join(message.split())
+
+
+def root_failure(failures: dict):
+    """The failed rank that caused the others to fail: the earliest whose error is not a peer's."""
+    import signal
+
+    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    for rank, failure in ordered:
+        stopped_by_agent = failure.exitcode == -signal.SIGTERM  # torchrun stops the survivors so
+        if not stopped_by_agent and not any(marker in failure_message(failure) for marker in PEER_GONE):
+            return rank, failure
+    return ordered[0]
+
+
+def _reason(err: BaseException) -> str:
+    """One line saying why: the innermost cause, which names the real problem."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def spawn(cfg, argv: list[str]) -> None:
     """Run ``python -m parallelnn <argv>`` as ``cfg.nproc`` ranks on this node through torchrun's agent."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -214,24 +244,30 @@ def spawn(cfg, argv: list[str]) -> None:
     config = LaunchConfig(
         min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.nproc, run_id=run_id,
         rdzv_endpoint=endpoint, rdzv_backend="c10d",
-        rdzv_configs={"join_timeout": timeout, "read_timeout": timeout, "last_call_timeout": 1},
+        # Node 0 hosts the rendezvous store at the endpoint; the others only connect to it, so an
+        # unreachable endpoint is reported as such instead of being hosted locally by mistake.
+        rdzv_configs={"join_timeout": timeout, "read_timeout": timeout, "last_call_timeout": 1,
+                      **({"is_host": cfg.node_rank == 0} if cfg.nnodes > 1 else {})},
         max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
     env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ[SPAWNED_ENV] = "1"
+    if os.environ.get(QUIET_CPP_ENV):  # the CLI quieted this process's C++ log; the ranks keep theirs
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
     try:
         elastic_launch(config, sys.executable)("-m", "parallelnn", *argv)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank, failure = root_failure(err.failures)
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        raise LaunchFailed(f"rank {rank} failed with exit code {failure.exitcode}"
-                           + ("" if code == EXIT_USER_ERROR else " (its message is above)"), code) from None
+        what = failure_message(failure)
+        raise LaunchFailed(f"rank {rank} failed (exit code {failure.exitcode})" + (f": {what}" if what else ""),
+                           code) from None
     except RendezvousError as err:
-        raise LaunchFailed(f"rendezvous at {endpoint} failed within {timeout}s: "
-                           f"{' '.join(str(err).split())}", EXIT_USER_ERROR) from None
-    except (RuntimeError, TimeoutError, ValueError) as err:
-        raise LaunchFailed(f"could not start the job through {endpoint}: {' '.join(str(err).split())}",
+        hint = (f" (fewer than --nnodes {cfg.nnodes} machines joined)" if "Timeout" in type(err).__name__ else "")
+        raise LaunchFailed(f"rendezvous at {endpoint} failed (--rdzv-timeout {timeout}s): {_reason(err)}{hint}",
                            EXIT_USER_ERROR) from None
+    except (RuntimeError, TimeoutError, ValueError) as err:
+        raise LaunchFailed(f"could not start the job through {endpoint}: {_reason(err)}", EXIT_USER_ERROR) from None
     finally:
         os.environ.pop(SPAWNED_ENV, None)
         if env_before is None:

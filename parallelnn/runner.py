@@ -71,9 +71,15 @@ def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None
     cfg = with_defaults(cfg)
     ctx = launch.init(cfg, cfg.device)
     try:
-        return _execute(cfg, ctx, hooks)
-    finally:
-        launch.teardown()
+        result = _execute(cfg, ctx, hooks)
+    except BaseException:
+        if not (ctx.distributed and ctx.world_size > 1):
+            launch.teardown()
+        # A failing rank leaves its peers mid-collective: tearing the group down now can crash or
+        # hang, which would hide this rank's own error. The process is about to end anyway.
+        raise
+    launch.teardown()
+    return result
 
 
 def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[str, Any] | None:
@@ -210,6 +216,33 @@ def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[st
             "speedup": speedup, "efficiency": speedup / max(record["world_size"], 1)}
 
 
+def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
+    """``execute`` for one rank of a multi-process job: on failure, say why and end this process at
+    once (``os._exit``), so that torchrun sees this rank's exit status and not a crash while the
+    interpreter tears down a process group whose peers are gone."""
+    import sys
+    import traceback
+
+    from parallelnn.errors import report_user_error
+
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    rank = os.environ.get("RANK", "?")
+    try:
+        return execute(cfg)
+    except UserError as err:
+        code = report_user_error(err)
+        get_error_handler().record_exception(err)  # torchrun's agent reads it: the root cause
+    except BaseException as err:  # noqa: BLE001 - anything else: its traceback is the message
+        for line in traceback.format_exc().splitlines():
+            print(f"[rank{rank}]: {line}", file=sys.stderr)
+        get_error_handler().record_exception(err)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def preflight(cfg: RunConfig) -> RunConfig:
     """Before any process is spawned: every check that needs the data and model but no process group."""
     cfg = with_defaults(cfg)
@@ -240,8 +273,8 @@ def run_command(cfg: RunConfig) -> int:
                                   nnodes=max(1, job["world_size"] // job["local_world_size"]))
         from parallelnn.config import validate
 
-        validate(cfg)
-        record = execute(cfg)
+        validate(cfg, launching=False)
+        record = execute_rank(cfg)
         if os.environ.get(launch.SPAWNED_ENV):
             return 0  # the parent that spawned this rank prints the summary
     elif cfg.world_size > 1:

@@ -56,6 +56,39 @@ class Hooks:
     after_step: list = field(default_factory=list)  # fn(state) -> None
 
 
+FAULT_ENV = "PARALLELNN_FAULT"
+
+
+def injected_fault(ctx: Context):
+    """A test hook from ``PARALLELNN_FAULT=RANK:STEP:KIND`` (KIND: raise, kill, hang), or None.
+
+    For testing what users meet in production: a rank that raises, dies (SIGKILL) or stops
+    responding after global step STEP. It fires only in the first attempt of a job (not after a
+    torchrun restart), so a restarted job can finish.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or ctx.restart_count > 0:
+        return None
+    rank, step, kind = spec.split(":")
+    if int(rank) != ctx.rank:
+        return None
+
+    def hook(trainer) -> None:
+        if trainer.state.global_step != int(step):
+            return
+        if kind == "raise":
+            raise RuntimeError(f"injected fault: rank {ctx.rank} raised after step {step}")
+        if kind == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            while True:
+                time.sleep(3600)
+
+    return hook
+
+
 @dataclass
 class LoopState:
     epoch: int = 0
@@ -75,6 +108,9 @@ class Trainer:
         self.train_loader, self.test_loader = train_loader, test_loader
         self.recorder, self.progress = recorder, progress
         self.hooks = hooks or Hooks()
+        fault = injected_fault(ctx)
+        if fault is not None:
+            self.hooks.after_step.append(fault)
         self.state = state or LoopState()
         self.eval_keys = tuple(built.extra.get("eval_keys", ("loss_sum", "correct", "count")))
         self.pending: list[StepLog] = []

@@ -1,0 +1,100 @@
+"""Launching: bad layouts refused before any process starts, a failing rank ends the job with its
+message, an unreachable rendezvous times out, and two machines (two launches on 127.0.0.1) train."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli, main, record
+
+pytestmark = pytest.mark.distributed
+
+BEFORE_SPAWN = {
+    "more stages than layers": (["run", "iris", "--strategy", "pipeline", "--nproc", "3"],
+                                "3 pipeline stages but the iris model has only 2 layers"),
+    "microbatches": (["run", "mnist", "--strategy", "pipeline", "--nproc", "2", "--microbatches", "5"],
+                     "--microbatches 5 does not divide the per-rank batch of 64"),
+    "tensor degree": (["run", "iris", "--strategy", "tensor", "--nproc", "3"],
+                      "tensor-parallel degree 3 does not divide layer 0's 50 features"),
+    "mesh product": (["run", "mnist", "--strategy", "hybrid", "--mesh", "2x2", "--nproc", "2"],
+                     "--mesh 2x2 has 4 ranks but the job has 2"),
+    "mesh form": (["run", "mnist", "--strategy", "hybrid", "--mesh", "2by2", "--nproc", "4"], "not of the form AxB"),
+    "nccl on cpu": (["run", "mnist", "--strategy", "ddp", "--nproc", "2", "--backend", "nccl"],
+                    "--backend nccl needs CUDA"),
+    "single with 2": (["run", "mnist", "--nproc", "2"], "--strategy single runs one process"),
+    "tensor alone": (["run", "mnist", "--strategy", "tensor"], "needs at least 2 processes"),
+    "nnodes without endpoint": (["run", "mnist", "--strategy", "ddp", "--nnodes", "2"], "needs --rdzv-endpoint"),
+}
+
+
+@pytest.mark.parametrize("name", BEFORE_SPAWN)
+def test_bad_layout_is_refused_before_spawning(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, expected = BEFORE_SPAWN[name]
+    t0 = time.perf_counter()
+    assert main(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert time.perf_counter() - t0 < 20  # no ranks were started and waited for
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_message(tmp_path):
+    proc = cli("run", "mnist", "--strategy", "ddp", "--nproc", "2", "--epochs", "1", "--limit", "640",
+               "--out", str(tmp_path / "o"), "--quiet", env={"PARALLELNN_FAULT": "1:3:raise"}, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "parallelnn: error: rank 1 failed (exit code 1): RuntimeError: injected fault: rank 1 raised after step 3"
+    assert not (tmp_path / "o" / "record.json").exists()
+
+
+def test_unreachable_rendezvous_times_out_with_a_message(tmp_path):
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = cli("run", "iris", "--strategy", "ddp", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "--rdzv-timeout", "3", "--out", str(tmp_path / "o"), timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"parallelnn: error: rendezvous at 127.0.0.1:{port} failed"), lines
+    assert time.perf_counter() - t0 < 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(commands, tmp_path):
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for cmd in commands]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+
+def test_two_nodes_through_parallelnn_run(tmp_path):
+    port = free_port()
+    out = tmp_path / "run"
+    launch_two([[sys.executable, "-m", "parallelnn", "run", "mnist", "--strategy", "ddp", "--nproc", "1",
+                 "--nnodes", "2", "--node-rank", str(n), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                 "--epochs", "1", "--limit", "256", "--out", str(out), "--quiet"] for n in (0, 1)], tmp_path)
+    rec = record(out)
+    assert rec["world_size"] == 2 and rec["nnodes"] == 2 and [r["rank"] for r in rec["per_rank"]] == [0, 1]
+
+
+def test_two_torchrun_invocations_join(tmp_path):
+    """Plain torchrun, twice, as on two machines: each rank finds RANK/WORLD_SIZE and joins."""
+    port = free_port()
+    outs = [tmp_path / "n0", tmp_path / "n1"]
+    launch_two([[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+                 "-m", "parallelnn", "run", "mnist", "--strategy", "fsdp", "--epochs", "1", "--limit", "256",
+                 "--out", str(o), "--quiet"] for o in outs], tmp_path)
+    written = [o for o in outs if (o / "record.json").exists()]
+    assert len(written) == 1, "only global rank 0 writes, into its own --out"
+    assert record(written[0])["world_size"] == 2 and record(written[0])["strategy"] == "fsdp"
