@@ -144,6 +144,12 @@ def cmd_seed(ns: argparse.Namespace) -> int:
         table.append(row)
     paths = write_table(table, SEED_COLUMNS, out / "seed")
     print_table(table, SEED_COLUMNS)
+    ran = [record for _, record, _ in results if record]
+    if ran:  # the report `parallelnn report OUT` makes (table, plots, index), the study's table first
+        from parallelnn.report import make_report
+
+        paths.append(make_report(ran, out, ("md", "csv", "html"), title="bench seed",
+                                 tables=[("The study's rows beside ours", table, SEED_COLUMNS)])[0])
     print(f"study: the paper's figures (full MNIST, its own hardware); ours: this machine. Tables: "
           f"{', '.join(str(p) for p in paths)}")
     return 0

@@ -1,14 +1,24 @@
 """Live progress on rank 0: a tqdm bar on a terminal, plain periodic lines elsewhere, nothing with --quiet.
 
-The hot loop calls :meth:`Progress.step` every step; it only compares a clock reading until it is
-time to redraw (a few times a second on a terminal, every ``line_every`` seconds in a log), so
-progress costs nothing measurable. Reading the loss value (a device sync on GPU) happens only then.
+    parallelnn run mnist                    # a terminal: one bar, redrawn 4 times a second
+    parallelnn run mnist 2>&1 | tee log     # not a terminal: a plain line every 10 s (and at the end)
+    parallelnn run mnist --quiet            # neither
+
+Both show the epoch, the step, the loss, samples/s (tokens/s for language models) and the ETA.
+The hot loop calls :meth:`Progress.step` every step; it adds two numbers and reads a clock until it
+is time to redraw, so progress costs nothing measurable. Reading the loss (a device sync on GPU)
+happens only at a redraw. The rate is the average since training began and the ETA the wall-clock
+time left at that pace, evaluation included (a loop that brackets evaluation with :meth:`pause` and
+:meth:`resume` leaves it out of both). Only the runner's rank 0 gets an enabled Progress.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+TTY_INTERVAL = 0.25  # seconds between redraws of the bar
+LINE_INTERVAL = 10.0  # seconds between plain lines in a log
 
 
 def _eta(seconds: float) -> str:
@@ -18,23 +28,26 @@ def _eta(seconds: float) -> str:
 
 class Progress:
     def __init__(self, enabled: bool, total_steps: int, epochs: int, unit: str = "samples",
-                 stream=None, line_every: float = 10.0, tty: bool | None = None):
-        self.enabled, self.total, self.epochs, self.unit = enabled, total_steps, epochs, unit
+                 stream=None, line_every: float = LINE_INTERVAL, tty: bool | None = None):
+        self.enabled, self.total, self.epochs, self.unit = enabled, max(total_steps, 1), epochs, unit
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = 0.25 if self.tty else line_every
+        self.tty = _isatty(self.stream) if tty is None else tty
         self.bar = None
-        self.t_start = self.t_last = time.perf_counter()
-        self.done = 0
-        self.units_done = 0.0
         if enabled and self.tty:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_steps, unit="step", file=self.stream, dynamic_ncols=True,
-                                mininterval=self.interval, leave=True)
+                # Our rate and ETA go in the postfix: tqdm's would be in steps, not samples or tokens.
+                self.bar = tqdm(total=self.total, file=self.stream, dynamic_ncols=True, leave=True,
+                                mininterval=TTY_INTERVAL, unit="step",
+                                bar_format="{desc} {percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} "
+                                           "[{elapsed}{postfix}]")
             except ImportError:
-                self.bar = None
+                self.bar = None  # no tqdm: plain lines, as in a log
+        self.interval = TTY_INTERVAL if self.bar is not None else line_every
+        self.t_start = self.t_last = time.perf_counter()
+        self.done = 0
+        self.units_done = 0.0
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -53,19 +66,25 @@ class Progress:
         t = time.perf_counter()
         if t - self.t_last < self.interval and self.done < self.total:
             return
-        elapsed = t - self.t_start
         self.t_last = t
+        self.draw(epoch, loss_fn(), t)
+
+    def status(self, epoch: int, loss: float | None, t: float) -> tuple[str, str]:
+        """(where: "epoch E/N", what: "loss L, R unit/s, ETA h:mm:ss") at time ``t``."""
+        elapsed = t - self.t_start
         rate = self.units_done / elapsed if elapsed > 0 else 0.0
-        loss = loss_fn()
+        eta = (self.total - self.done) * elapsed / self.done if self.done else 0.0
         loss_text = f"{loss:.4f}" if loss is not None else "n/a"
+        return f"epoch {epoch + 1}/{self.epochs}", f"loss {loss_text}, {rate:,.0f} {self.unit}/s, ETA {_eta(eta)}"
+
+    def draw(self, epoch: int, loss: float | None, t: float) -> None:
+        where, what = self.status(epoch, loss, t)
         if self.bar is not None:
-            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
-            self.bar.set_postfix_str(f"loss {loss_text}, {rate:,.0f} {self.unit}/s", refresh=False)
+            self.bar.set_description_str(where, refresh=False)
+            self.bar.set_postfix_str(what, refresh=False)
             self.bar.update(self.done - self.bar.n)
         else:
-            eta = (self.total - self.done) * elapsed / self.done
-            print(f"epoch {epoch + 1}/{self.epochs} step {self.done}/{self.total} loss {loss_text} "
-                  f"{rate:,.0f} {self.unit}/s ETA {_eta(eta)}", file=self.stream, flush=True)
+            print(f"{where} step {self.done}/{self.total}: {what}", file=self.stream, flush=True)
 
     def pause(self) -> float:
         return time.perf_counter()
@@ -78,3 +97,14 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _isatty(stream) -> bool:
+    """A terminal a bar can be drawn on: a zero-width pseudo-terminal (``script`` without one) would
+    show an empty bar, so it gets plain lines too."""
+    import os
+
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # a closed or file-like stream without a terminal
+        return False
