@@ -228,9 +228,11 @@ class Trainer:
                                    else self.last_loss)
                 if cfg.eval_every and s.global_step % cfg.eval_every == 0:
                     t_pause = now(ctx.device)
+                    progress_paused = self.progress.pause()
                     epoch_losses += self.flush()
                     self._log_eval(self.evaluate())
                     t_paused += self._paused_since(t_pause)
+                    self.progress.resume(progress_paused)
                 t_pause = time.perf_counter()
                 if self._run_hooks():
                     t_paused += self._paused_since(t_pause)
@@ -250,7 +252,9 @@ class Trainer:
             mean_loss = (sum(l * c for l, c in zip(epoch_losses, epoch_counts)) / max(sum(epoch_counts), 1)
                          if epoch_losses else float("nan"))
             s.loss_curve.append(mean_loss)
+            progress_paused = self.progress.pause()
             metrics = self.evaluate()
+            self.progress.resume(progress_paused)
             self._log_eval(metrics)
             self.recorder.log("epoch", **{"train/epoch": s.epoch + 1, "train/loss": mean_loss,
                                           "train/global_step": s.global_step, "train/seconds": t_train,

@@ -39,7 +39,9 @@ def test_mnist_embedded_two_epochs_from_the_command_line(tmp_path):
     assert set(rec["hardware"]) >= {"cpu", "cores", "gpu", "memory_bytes"}
     assert set(rec["versions"]) >= {"python", "torch", "parallelnn"}
     assert rec["flops_per_sample"] == pytest.approx(25.04e6, rel=0.01)
-    assert 0 < rec["mfu"] < 1.5
+    # MFU against the peak this machine measured (a busy machine can under-measure it, so no upper bound)
+    assert rec["mfu"] == pytest.approx(rec["flops_per_sample"] * rec["samples_per_second"] / rec["peak_flops"])
+    assert rec["mfu"] > 0
     assert rec["command"].startswith("parallelnn run mnist")
     epochs = events(tmp_path / "m", "epoch")
     assert [e["train/epoch"] for e in epochs] == [1, 2]
