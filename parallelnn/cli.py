@@ -14,13 +14,12 @@ import time
 from typing import Any
 
 from parallelnn import __version__
-from parallelnn.config import RunConfig, config_fields, load_toml, option_name, validate
+from parallelnn.config import QUIET_CPP_ENV, T0_ENV, RunConfig, config_fields, load_toml, option_name, validate
 from parallelnn.errors import EXIT_USER_ERROR, UserError, report_user_error
-from parallelnn.launch import T0_ENV
 
 
 # Modules that add a verb besides ``run`` (each has ``add_parser(verbs)``).
-VERBS = ("bench",)
+VERBS = ("bench", "report", "info", "generate")
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,7 +99,15 @@ def _quote(arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault(T0_ENV, str(_process_start()))
+    if "RANK" in os.environ:  # a rank: start-up counts from the command that launched the job
+        os.environ.setdefault(T0_ENV, str(_process_start()))
+    else:  # a command of its own (even when run by another parallelnn command, as bench does)
+        os.environ[T0_ENV] = str(_process_start())
+    if "TORCH_CPP_LOG_LEVEL" not in os.environ and "torch" not in sys.modules:
+        # torch's C++ side warns with stack dumps (e.g. every retry to reach a rendezvous); the
+        # command speaks for itself in one line. Ranks it spawns keep torch's default.
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+        os.environ[QUIET_CPP_ENV] = "1"
     try:
         ns = build_parser().parse_args(argv)
         if not getattr(ns, "handler", None):

@@ -1,0 +1,382 @@
+"""GPT-2 fine-tuning: problems merged into texts, packed into full windows, trained as a causal LM.
+
+    parallelnn run gpt2 --epochs 1                                   # HumanEval, small GPT-2 from scratch
+    parallelnn run gpt2 --data problems.csv --columns statement=title,solution=code --model ./gpt2
+    parallelnn generate --model runs/<id>/model --prompt "def add(a, b):"
+
+Model: ``--model NAME_OR_DIR`` loads with ``AutoModelForCausalLM``/``AutoTokenizer`` from a local
+directory, the local Hugging Face cache or the hub (``model_source: pretrained``). Without ``--model``,
+or when the hub cannot be reached and the name is not cached, a small GPT-2 (4 layers, 256 wide, 4
+heads, 256 positions, no dropout) is initialised from scratch with the run's seed, with a byte-level
+BPE tokenizer trained on the training texts (``model_source: scratch``); the output and the record
+say which, and why.
+
+Data and packing: :mod:`parallelnn.data.text`. Training windows are the samples: ``y = x`` and the
+loss shifts by one inside. Optimiser: AdamW (weight decay 0.01 on matrices), linear warm-up then
+cosine decay (``--warmup-steps``, default 5% of the steps), gradient clipping at 1.0.
+
+At the end rank 0 writes ``OUT/model/`` (config.json, model.safetensors, tokenizer files,
+parallelnn.json with the template) that plain ``from_pretrained`` loads; with ``--eval-pass-at-k K``
+it then samples K completions per test problem that has tests and runs them in the sandbox
+(:mod:`parallelnn.sandbox`), never in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from parallelnn.data import text
+from parallelnn.data.loaders import ArraySplit
+from parallelnn.errors import UserError
+from parallelnn.workloads import Built
+
+DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}
+# The offline default model: GPT-2's architecture, shrunk so that CPUs train it in seconds.
+SCRATCH = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}
+SCRATCH_VOCAB = 4096
+# Without dropout, runs with any number of ranks draw no random numbers in the forward pass and so
+# match the single-process losses exactly; a few epochs on a small model do not need it.
+SCRATCH_DROPOUT = 0.0
+WEIGHT_DECAY = 0.01
+PASS_AT_K_NEW_TOKENS = 128
+# Codex/HumanEval practice: a completion ends where the next top-level statement would begin.
+HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(")
+META_FILE = "parallelnn.json"
+
+
+# -- the model ----------------------------------------------------------------------------------------
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM whose forward takes token ids and returns only the logits."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, use_cache=False).logits
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over windows of each window's mean next-token cross-entropy (every window is full)."""
+    pred = logits[:, :-1].float()
+    labels = targets[:, 1:]
+    return nn.functional.cross_entropy(pred.reshape(-1, pred.size(-1)), labels.reshape(-1),
+                                       reduction="sum") / labels.size(1)
+
+
+def eval_sums(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"loss_sum": causal_lm_loss(outputs, targets).detach(),
+            "count": torch.tensor(len(targets), device=targets.device)}
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    loss = sums["loss_sum"] / max(sums.get("count", 0), 1)
+    return {"test_loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+def adamw_cosine(lr: float, warmup_steps: int | None):
+    def make(params, total_steps: int):
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in params if p.requires_grad]
+        # Decay the matrices (projections, embeddings), not biases and layer-norm gains.
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        # The fused kernel (CPU and CUDA; the Hugging Face Trainer's default too) takes plain tensors on
+        # one device type; sharded (DTensor) parameters keep the default multi-tensor path.
+        from torch.distributed.tensor import DTensor
+
+        devices = {p.device.type for p in params}
+        fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and not any(isinstance(p, DTensor) for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
+        warmup = warmup_steps if warmup_steps is not None else int(0.05 * total_steps)
+        return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+    return make
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the wrapped model (GPT-2: ``transformer.h``; others: their layer list)."""
+    hf = model.hf if isinstance(model, CausalLM) else model
+    for path in ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers"):
+        obj: Any = hf
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return list(obj)
+    lists = [m for m in hf.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def max_positions(config) -> int | None:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# -- loading --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers draws bars for loading and writing even a one-file model; our output says it instead."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class Loaded:
+    model: nn.Module | None  # None: scratch, built once the tokenizer is trained
+    tokenizer: Any
+    source: str  # "pretrained" | "scratch"
+    name: str
+    note: str | None = None  # why we fell back to scratch, if we did
+
+
+def _looks_like_path(name: str) -> bool:
+    # "org/model" is a hub name; "runs/x/model" whose parent exists is a mistyped directory.
+    return name.startswith(("/", ".", "~")) or (os.sep in name.rstrip(os.sep) and Path(name).parent.exists())
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (quick, instead of minutes of retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
+            os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy only a real request can tell
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_pretrained(name: str, *, what: str = "--model", fallback_ok: bool = False) -> Loaded | None:
+    """Model + tokenizer from a directory, the local cache or the hub. None: hub unreachable (fallback_ok)."""
+    with no_progress_bars():
+        return _load_pretrained(name, what, fallback_ok)
+
+
+def _load_pretrained(name: str, what: str, fallback_ok: bool) -> Loaded | None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{what} {name}: the directory has no config.json (not a saved Hugging Face model)")
+        return Loaded(*_load_dir(str(path), what, name), "pretrained", name)
+    if path.exists() or _looks_like_path(name):
+        raise UserError(f"{what} {name}: no such model directory")
+    try:  # the local Hugging Face cache first: it needs no network
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+        return Loaded(model, tok, "pretrained", name)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        if fallback_ok:
+            return None
+        raise UserError(f"{what} {name}: not a local directory, not in the Hugging Face cache, and the hub "
+                        "is not reachable")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} {name}: cannot load it from the hub ({str(err).splitlines()[0]})")
+    return Loaded(model, tok, "pretrained", name)
+
+
+def _load_dir(path: str, what: str, name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{what} {name}: cannot load its tokenizer ({str(err).splitlines()[0]})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{what} {name}: cannot load it as a causal language model ({str(err).splitlines()[0]})")
+    return model, tok
+
+
+def check_vocab(tokenizer, model, what: str) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                        f"only {rows} rows (tokenizer and model do not belong together)")
+
+
+def scratch_model(vocab_size: int, eos_id: int, seed: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+                        resid_pdrop=SCRATCH_DROPOUT, embd_pdrop=SCRATCH_DROPOUT, attn_pdrop=SCRATCH_DROPOUT,
+                        **SCRATCH)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+# -- saving -----------------------------------------------------------------------------------------------
+def _strip(key: str) -> str:
+    for prefix in ("module.", "_orig_mod.", "hf."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def save_hf(state_dict: dict[str, torch.Tensor], out_dir: str, config, tokenizer, meta: dict) -> nn.Module:
+    """Write a directory ``from_pretrained`` loads as is; return the model rebuilt from ``state_dict``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    weights = {_strip(k): v.detach().to("cpu", torch.float32) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", True)}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"state dict does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    os.makedirs(out_dir, exist_ok=True)
+    with no_progress_bars():
+        model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    Path(out_dir, META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return model
+
+
+# -- build ------------------------------------------------------------------------------------------------
+def build(cfg, device: torch.device, log=print) -> Built:
+    problems = text.load_problems(cfg.data, cfg.columns)
+    template = text.check_template(cfg.template, problems) if cfg.template else text.default_template(problems)
+    train_records, test_records = text.split_records(problems.records, cfg.test_size, cfg.seed)
+    train_texts = [text.render(template, r) for r in train_records]
+    test_texts = [text.render(template, r) for r in test_records]
+    text.set_tokenizers_parallelism(cfg.workers)
+    if problems.dropped:
+        log(f"{problems.dropped} rows without text in the mapped columns were left out")
+
+    pass_problems = []
+    if cfg.eval_pass_at_k:
+        from parallelnn import sandbox
+
+        pass_problems = [r for r in test_records if r.get("test") and r.get("entry_point")]
+        if not pass_problems:
+            raise UserError("--eval-pass-at-k needs test problems with tests: map the test and entry_point "
+                            "columns (HumanEval style), e.g. --columns test=test,entry_point=entry_point")
+        sandbox.require_isolation()
+
+    loaded = load_pretrained(cfg.model, fallback_ok=True) if cfg.model else None
+    note = None
+    if cfg.model and loaded is None:
+        note = (f"--model {cfg.model}: the Hugging Face hub is not reachable and the model is not in the local "
+                "cache, so a small GPT-2 is trained from scratch instead")
+        log(f"{note} (model_source: scratch)")
+    if loaded is None:
+        context = cfg.context or SCRATCH["n_positions"]
+        if context > SCRATCH["n_positions"]:
+            raise UserError(f"--context {context} is larger than the {SCRATCH['n_positions']} positions the "
+                            "scratch model allows")
+        tokenizer = text.train_tokenizer(train_texts, SCRATCH_VOCAB, model_max_length=SCRATCH["n_positions"])
+        eos_id = tokenizer.eos_token_id
+        hf = scratch_model(len(tokenizer), eos_id, cfg.seed)
+        source, name = "scratch", "gpt2-scratch ({n_layer} layers, {n_embd} wide, {n_head} heads)".format(**SCRATCH)
+        tokenizer_desc = f"byte-level BPE trained on the {len(train_texts)} training texts (vocab {len(tokenizer)})"
+        if not cfg.model:
+            log(f"no --model: training {name} from scratch, with a {tokenizer_desc}")
+    else:
+        hf, tokenizer, source, name = loaded.model, loaded.tokenizer, "pretrained", loaded.name
+        check_vocab(tokenizer, hf, f"--model {cfg.model}")
+        limit = max_positions(hf.config)
+        context = cfg.context or min(limit or 1024, 1024)
+        if limit is not None and context > limit:
+            raise UserError(f"--context {context} is larger than the {limit} positions --model {cfg.model} allows")
+        eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token to separate documents")
+        tokenizer_desc = f"{name} ({type(tokenizer).__name__}, vocab {len(tokenizer)})"
+        log(f"--model {name}: pretrained weights, {sum(p.numel() for p in hf.parameters()):,} parameters")
+
+    train = text.pack(text.encode(tokenizer, train_texts), eos_id, context)
+    test = text.pack(text.encode(tokenizer, test_texts), eos_id, context)
+    long_texts = train.long_texts + test.long_texts
+    if long_texts:
+        log(f"{long_texts} of {len(train_texts) + len(test_texts)} texts are longer than the {context}-token "
+            "context: packing continues them across windows")
+    log(f"packed {len(train_texts)} training texts ({train.stream_tokens:,} tokens with EOS) into "
+        f"{len(train.windows)} full windows of {context} ({train.wrapped_tokens} wrapped from the start); "
+        f"test: {len(test_texts)} texts, {len(test.windows)} windows")
+
+    model = CausalLM(hf)
+    meta = {"template": template, "prompt_template": text.prompt_template(template), "context": context,
+            "model_source": source, "model": name, "columns": problems.mapping, "dataset": problems.dataset}
+    record: dict[str, Any] = {
+        "model_source": source, "model": name, "model_note": note, "tokenizer": tokenizer_desc,
+        "vocab_size": len(tokenizer), "context": context,
+        "parameters": sum(p.numel() for p in hf.parameters()),
+        "template": template, "columns": problems.mapping, "dropped_rows": problems.dropped,
+        "train_texts": len(train_texts), "test_texts": len(test_texts),
+        "train_windows": len(train.windows), "test_windows": len(test.windows),
+        "train_stream_tokens": train.stream_tokens, "wrapped_tokens": train.wrapped_tokens,
+        "texts_windowed": long_texts,
+    }
+    extra: dict[str, Any] = {"eval_keys": ("loss_sum", "count"), "track_grad_norm": True, "record": record}
+
+    def save(state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
+        saved = save_hf(state_dict, out_dir, hf.config, tokenizer, meta)
+        log(f"saved the model and tokenizer to {out_dir}")
+        if cfg.eval_pass_at_k:
+            record.update(evaluate_pass_at_k(saved, tokenizer, pass_problems, template, cfg.eval_pass_at_k,
+                                             cfg.seed, device, log))
+
+    return Built(
+        model=model,
+        train=ArraySplit(train.windows, train.windows),
+        test=ArraySplit(test.windows, test.windows),
+        dataset=problems.dataset,
+        loss_fn=causal_lm_loss,
+        make_optimizer=adamw_cosine(cfg.lr, cfg.warmup_steps),
+        eval_sums=eval_sums,
+        summarize=summarize,
+        blocks=transformer_blocks,
+        save=save,
+        tokens_per_sample=context,
+        extra=extra,
+    )
+
+
+def evaluate_pass_at_k(model, tokenizer, problems: list[dict], template: str, k: int, seed: int,
+                       device: torch.device, log) -> dict[str, Any]:
+    """Sample ``k`` completions per problem here; run each with its tests in the sandbox, not here."""
+    from parallelnn import sandbox
+    from parallelnn.generate import complete
+
+    prompts = [text.render_prompt(template, p) for p in problems]
+    log(f"pass@{k}: sampling {k} completions for each of {len(problems)} test problems with tests")
+    completions = complete(model, tokenizer, prompts, max_new_tokens=PASS_AT_K_NEW_TOKENS, temperature=0.8,
+                           top_p=0.95, seed=seed, num_samples=k, device=device, stop=HUMANEVAL_STOPS)
+    result = sandbox.pass_at_k(problems, prompts, completions, k)
+    detail = result["pass_at_k_detail"]
+    log(f"pass@{k} = {result['pass_at_k'][f'pass@{k}']:.4f} ({detail['passed_samples']} of "
+        f"{detail['samples']} samples passed; {detail['sandbox']})")
+    return result
