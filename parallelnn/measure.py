@@ -238,6 +238,12 @@ class CommProbe:
             self.profiler.__enter__()
         self.t0 = now(self.device)
 
+    def close(self, step: int) -> None:
+        """End a window cut short by the end of training (an open profiler crashes the process at exit)."""
+        if self.profiler is not None:
+            self.last = step
+            self.after_step(step)
+
     def after_step(self, step: int) -> None:
         if self.profiler is None or step != self.last:
             return
@@ -250,6 +256,6 @@ class CommProbe:
                 device_time = getattr(event, "device_time_total", 0) or 0
                 comm += (device_time if "nccl" in event.key and device_time else event.cpu_time_total) / 1e6
         self.profiler = None
-        n = self.last - self.first + 1
+        n = max(self.last - self.first + 1, 1)
         self.result = {"profiled_steps": n, "step_seconds": wall / n, "comm_seconds": comm / n,
                        "comm_share": min(1.0, comm / wall) if wall > 0 else 0.0}

@@ -1,16 +1,21 @@
 """The training loop: written once, never branching on a strategy's name.
 
 Timing is honest by construction: ``train_seconds`` is the sum of the epochs' training loops,
-measured after a device synchronisation, excluding evaluation (and checkpoint saving), data
-download and preparation, model building and process start-up — each of those is recorded apart.
+measured after a device synchronisation, excluding evaluation, checkpoint saving, data download and
+preparation, model building and process start-up — each of those is recorded apart.
 
 Losses: each step's summed loss stays on the device; at each flush point (end of epoch, before an
-evaluation) the pending steps' sums are added over ranks in one collective and divided by the global
-batch sizes, giving exactly the loss a single process would report for the same batches.
+evaluation or a checkpoint) the pending steps' sums are added over ranks in one collective and
+divided by the global batch sizes, giving exactly the loss a single process would report.
+
+Stopping: a SIGTERM/SIGINT (a scheduler pre-empting the job, Ctrl-C) only sets a flag; ranks agree on
+it through a small all-reduce on a CPU (gloo) group, one step late, so all stop after the same step,
+save a checkpoint and leave. Everything the loop needs to continue exactly is in :class:`LoopState`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -25,9 +30,16 @@ from parallelnn.measure import CommProbe, now
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder
 
+FAULT_ENV = "PARALLELNN_FAULT"
+PROGRESS_FILE = "progress"  # rank 0's last finished step, to count the steps a failure lost
+
+
+def distributed(ctx: Context) -> bool:
+    return ctx.distributed and ctx.world_size > 1
+
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.distributed and ctx.world_size > 1:
+    if distributed(ctx):
         dist.all_reduce(t)
     return t
 
@@ -51,20 +63,17 @@ def eval_name(key: str) -> str:
 
 @dataclass
 class Hooks:
-    """Optional callbacks at step boundaries (checkpointing, fault injection in tests)."""
+    """Optional callbacks at step boundaries (fault injection in tests, experiments)."""
 
-    after_step: list = field(default_factory=list)  # fn(state) -> None
-
-
-FAULT_ENV = "PARALLELNN_FAULT"
+    after_step: list = field(default_factory=list)  # fn(trainer) -> None
 
 
 def injected_fault(ctx: Context):
-    """A test hook from ``PARALLELNN_FAULT=RANK:STEP:KIND`` (KIND: raise, kill, hang), or None.
+    """A test hook from ``PARALLELNN_FAULT=RANK:STEP:KIND`` (KIND: raise, kill, hang, enospc), or None.
 
-    For testing what users meet in production: a rank that raises, dies (SIGKILL) or stops
-    responding after global step STEP. It fires only in the first attempt of a job (not after a
-    torchrun restart), so a restarted job can finish.
+    For testing what users meet in production: a rank that raises, dies (SIGKILL), stops responding,
+    or whose checkpoint save at STEP finds the disk full. It fires only in the first attempt of a job
+    (not after a torchrun restart), so a restarted job can finish.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec or ctx.restart_count > 0:
@@ -86,44 +95,100 @@ def injected_fault(ctx: Context):
             while True:
                 time.sleep(3600)
 
+    hook.kind, hook.step = kind, int(step)
     return hook
 
 
 @dataclass
 class LoopState:
+    """Where training stands; saved in every checkpoint (JSON), restored on resume."""
+
     epoch: int = 0
     global_step: int = 0
     step_in_epoch: int = 0
     samples: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # finished epochs
+    epoch_seconds: float = 0.0  # the current epoch, before a resume
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_counts: list[int] = field(default_factory=list)
     loss_curve: list[float] = field(default_factory=list)
     eval_curve: list[dict[str, float]] = field(default_factory=list)
+    resumes: int = 0
+    lost_steps: int = 0
     stop_requested: bool = False
+    stop_signal: int | None = None
+
+
+class StopFlag:
+    """A stop request (from a signal) that every rank sees at the same step.
+
+    Each step starts a non-blocking MAX all-reduce of this rank's flag on a gloo group and reads the
+    previous step's result, so agreeing costs no waiting on the training's own devices or groups.
+    """
+
+    def __init__(self, ctx: Context):
+        self.local = 0
+        self.group = dist.new_group(backend="gloo") if distributed(ctx) else None
+        self._work = None
+        self._buf = torch.zeros(1, dtype=torch.int32)
+
+    def set(self, signum: int) -> None:
+        self.local = signum
+
+    def agreed(self) -> int:
+        """The signal to stop for (0: go on), as decided by the previous step's reduction."""
+        if self.group is None:
+            return self.local
+        decided = 0
+        if self._work is not None:
+            self._work.wait()
+            decided = int(self._buf.item())
+        self._buf = torch.tensor([self.local], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return decided
+
+    def drain(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
 
 class Trainer:
     def __init__(self, engine, built, cfg, ctx: Context, train_loader, test_loader, recorder: Recorder,
-                 progress: Progress, hooks: Hooks | None = None, state: LoopState | None = None):
+                 progress: Progress, hooks: Hooks | None = None, checkpointer=None):
         self.engine, self.built, self.cfg, self.ctx = engine, built, cfg, ctx
         self.train_loader, self.test_loader = train_loader, test_loader
         self.recorder, self.progress = recorder, progress
+        self.checkpointer = checkpointer
         self.hooks = hooks or Hooks()
         fault = injected_fault(ctx)
         if fault is not None:
-            self.hooks.after_step.append(fault)
-        self.state = state or LoopState()
+            if fault.kind == "enospc" and checkpointer is not None:
+                checkpointer.fault_step = fault.step
+            else:
+                self.hooks.after_step.append(fault)
+        self.state = LoopState()
+        self.stop = StopFlag(ctx)
         self.eval_keys = tuple(built.extra.get("eval_keys", ("loss_sum", "correct", "count")))
+        self.tokens_per_sample = built.tokens_per_sample
         self.pending: list[StepLog] = []
         self.flops_per_sample = 0.0  # set by the runner, for the MFU of step events
         self.peak_flops = 0.0
-        self._interval_start: tuple[float, int] | None = None
+        self._interval_start: tuple[float, int] = (0.0, 0)
+        self._paused = 0.0  # seconds of the current epoch spent outside training (eval, checkpoints)
+        self._progress_fd: int | None = None
         # Multi-rank runs profile a few early steps to see how much time collectives take.
-        self.comm_probe = CommProbe(ctx.device) if ctx.distributed and ctx.world_size > 1 else None
+        self.comm_probe = CommProbe(ctx.device) if distributed(ctx) else None
         self.first_step_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.step_seconds: list[float] = []
         self.last_loss: float | None = None
-        self.tokens_per_sample = built.tokens_per_sample
+        self.last_checkpoint = None
+        self.watchdog = None  # set by the runner in multi-rank jobs: where this rank is, for hang detection
+
+    def _at(self, phase: int) -> None:
+        if self.watchdog is not None:
+            self.watchdog.at(self.state.global_step + (phase == 1), phase)
 
     # -- losses ------------------------------------------------------------------------------------
     def flush(self) -> list[float]:
@@ -148,6 +213,8 @@ class Trainer:
                 if self.peak_flops:
                     values["mfu"] = samples * self.flops_per_sample / seconds / self.peak_flops
             self.recorder.log("step", **values)
+        self.state.epoch_losses += losses
+        self.state.epoch_counts += [p.n for p in self.pending]
         self.pending.clear()
         self.last_loss = losses[-1]
         return losses
@@ -161,6 +228,21 @@ class Trainer:
         start_t, start_samples = self._interval_start
         self._interval_start = (t, samples)
         return t - start_t, samples - start_samples
+
+    def _write_progress(self) -> None:
+        """Rank 0 notes its last finished step, so that a resume can count the steps a failure lost.
+
+        One fixed-width overwrite of a small open file per step (no fsync): microseconds.
+        """
+        if not self.recorder.enabled:
+            return
+        try:
+            if self._progress_fd is None:
+                self.recorder.out.mkdir(parents=True, exist_ok=True)
+                self._progress_fd = os.open(self.recorder.out / PROGRESS_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.pwrite(self._progress_fd, f"{self.state.global_step:>20d}\n".encode(), 0)
+        except OSError:
+            pass  # only a count in the record depends on it
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -191,108 +273,145 @@ class Trainer:
                                                "train/global_step": s.global_step})
         s.eval_curve.append({"epoch": s.epoch + 1, "global_step": s.global_step, **metrics})
 
+    # -- saving and restoring ------------------------------------------------------------------------
+    def loop_state(self) -> dict[str, Any]:
+        """The loop's state for a checkpoint taken now (pending losses must have been flushed)."""
+        state = dataclasses.asdict(self.state)
+        state["epoch_seconds"] = self.state.epoch_seconds + (now(self.ctx.device) - self._epoch_start - self._paused)
+        state.pop("stop_requested")
+        state.pop("stop_signal")
+        return state
+
+    def restore_loop_state(self, saved: dict[str, Any]) -> None:
+        fields = {f.name for f in dataclasses.fields(LoopState)}
+        self.state = LoopState(**{k: v for k, v in saved.items() if k in fields})
+
+    def checkpoint(self) -> None:
+        """Save a checkpoint now (all ranks call it at the same step)."""
+        if self.checkpointer is None:
+            return
+        t_pause = now(self.ctx.device)
+        paused = self.progress.pause()
+        self._at(3)
+        self.flush()
+        self.last_checkpoint = self.checkpointer.save(self) or self.last_checkpoint
+        self.progress.resume(paused)
+        self._pause_since(t_pause)
+
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LoopState:
-        cfg, ctx, engine, s = self.cfg, self.ctx, self.engine, self.state
-        steps_per_epoch = len(self.train_loader)
-        if ctx.distributed and ctx.world_size > 1:
+        cfg, ctx, s = self.cfg, self.ctx, self.state
+        if distributed(ctx):
             dist.barrier()
-        engine.train(True)
+        self.engine.train(True)
         while s.epoch < cfg.epochs and not s.stop_requested:
-            self.train_loader.set_epoch(s.epoch)
-            epoch_losses: list[float] = []
-            epoch_counts: list[int] = []
-            t_epoch = now(ctx.device)
-            self._interval_start = (t_epoch, s.samples)
-            t_paused = 0.0
-            for x, y, n in self._skip_done(self.train_loader):
-                t_step = time.perf_counter()
-                if self.startup_seconds is None and T0_ENV in os.environ:
-                    self.startup_seconds = time.time() - float(os.environ[T0_ENV])
-                if self.comm_probe:
-                    self.comm_probe.before_step(s.global_step + 1)
-                loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
-                if self.comm_probe:
-                    self.comm_probe.after_step(s.global_step + 1)
-                if self.first_step_seconds is None:
-                    self.first_step_seconds = now(ctx.device) - t_step
-                s.global_step += 1
-                s.step_in_epoch += 1
-                s.samples += n
-                self.pending.append(StepLog(s.global_step, loss_sum if engine.counts_outputs
-                                            else torch.zeros_like(loss_sum), n, grad_norm, engine.lr(),
-                                            self._log_point(s.global_step)))
-                epoch_counts.append(n)
-                self.progress.step(s.epoch, n * (self.tokens_per_sample or 1),
-                                   lambda: (loss_sum.item() / max(n, 1) * engine.dp_size) if engine.counts_outputs
-                                   else self.last_loss)
-                if cfg.eval_every and s.global_step % cfg.eval_every == 0:
-                    t_pause = now(ctx.device)
-                    progress_paused = self.progress.pause()
-                    epoch_losses += self.flush()
-                    self._log_eval(self.evaluate())
-                    t_paused += self._paused_since(t_pause)
-                    self.progress.resume(progress_paused)
-                t_pause = time.perf_counter()
-                if self._run_hooks():
-                    t_paused += self._paused_since(t_pause)
-                if s.stop_requested:
-                    break
-            epoch_losses += self.flush()
-            t_train = now(ctx.device) - t_epoch - t_paused
-            if ctx.distributed and ctx.world_size > 1:
-                # An epoch ends when its slowest rank ends: agree on the time.
-                t = torch.tensor([t_train], dtype=torch.float64, device=ctx.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                t_train = float(t.item())
-            s.train_seconds += t_train
-            if s.stop_requested and s.step_in_epoch < steps_per_epoch:
+            self._train_epoch()
+            if s.stop_requested:
                 break
-            self.step_seconds.append(t_train / max(len(epoch_counts), 1))
-            mean_loss = (sum(l * c for l, c in zip(epoch_losses, epoch_counts)) / max(sum(epoch_counts), 1)
-                         if epoch_losses else float("nan"))
-            s.loss_curve.append(mean_loss)
-            progress_paused = self.progress.pause()
-            metrics = self.evaluate()
-            self.progress.resume(progress_paused)
-            self._log_eval(metrics)
-            self.recorder.log("epoch", **{"train/epoch": s.epoch + 1, "train/loss": mean_loss,
-                                          "train/global_step": s.global_step, "train/seconds": t_train,
-                                          "train/samples_per_second": sum(epoch_counts) / t_train if t_train else 0.0,
-                                          "train/learning_rate": engine.lr()},
-                              **{eval_name(k): v for k, v in metrics.items() if k.startswith("test_")})
-            acc = metrics.get("test_accuracy")
-            every = max(1, cfg.epochs // 10)  # at most ~10 epoch lines, the last always
-            if (s.epoch + 1) % every == 0 or s.epoch + 1 == cfg.epochs:
-                self.progress.message(
-                    f"epoch {s.epoch + 1}/{cfg.epochs}: train loss {mean_loss:.4f}"
-                    + (f", test accuracy {acc:.4f}" if acc is not None else "")
-                    + (f", eval loss {metrics['test_loss']:.4f}" if "test_loss" in metrics and acc is None else "")
-                    + f", {t_train:.2f}s")
-            s.epoch += 1
-            s.step_in_epoch = 0
+            self._end_epoch()
+        self.stop.drain()
+        if self.comm_probe:
+            self.comm_probe.close(s.global_step)
         self.progress.close()
+        if self._progress_fd is not None:
+            os.close(self._progress_fd)
+            self._progress_fd = None
         return s
 
-    def _skip_done(self, loader):
-        """When resuming mid-epoch, skip the batches already trained (same order: same seed and epoch)."""
-        skip = self.state.step_in_epoch
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue
-            yield batch
+    def _train_epoch(self) -> None:
+        cfg, ctx, engine, s = self.cfg, self.ctx, self.engine, self.state
+        self.train_loader.set_epoch(s.epoch)
+        self.train_loader.plan.start = s.step_in_epoch  # resuming mid-epoch: same order, skip what is done
+        if s.step_in_epoch == 0:
+            s.epoch_losses, s.epoch_counts, s.epoch_seconds = [], [], 0.0
+        self._epoch_start = now(ctx.device)
+        self._interval_start = (self._epoch_start, s.samples)
+        self._paused = 0.0
+        for x, y, n in self.train_loader:
+            t_step = time.perf_counter()
+            if self.startup_seconds is None and T0_ENV in os.environ:
+                self.startup_seconds = time.time() - float(os.environ[T0_ENV])
+            if self.comm_probe:
+                self.comm_probe.before_step(s.global_step + 1)
+            self._at(1)
+            loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
+            if self.comm_probe:
+                self.comm_probe.after_step(s.global_step + 1)
+            if self.first_step_seconds is None:
+                self.first_step_seconds = now(ctx.device) - t_step
+            s.global_step += 1
+            s.step_in_epoch += 1
+            s.samples += n
+            self._at(0)
+            self.pending.append(StepLog(s.global_step, loss_sum if engine.counts_outputs
+                                        else torch.zeros_like(loss_sum), n, grad_norm, engine.lr(),
+                                        self._log_point(s.global_step)))
+            self.progress.step(s.epoch, n * (self.tokens_per_sample or 1),
+                               lambda: (loss_sum.item() / max(n, 1) * engine.dp_size) if engine.counts_outputs
+                               else self.last_loss)
+            self._write_progress()
+            if cfg.eval_every and s.global_step % cfg.eval_every == 0:
+                t_pause = now(ctx.device)
+                paused = self.progress.pause()
+                self._at(2)
+                self.flush()
+                self._log_eval(self.evaluate())
+                self.progress.resume(paused)
+                self._pause_since(t_pause)
+            for hook in self.hooks.after_step:
+                hook(self)
+            if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0:
+                self.checkpoint()
+            signum = self.stop.agreed()
+            if signum:
+                s.stop_requested, s.stop_signal = True, signum
+                self.checkpoint()
+                break
+        self.flush()
+        t_train = now(ctx.device) - self._epoch_start - self._paused
+        if distributed(ctx):
+            # An epoch ends when its slowest rank ends: agree on the time.
+            t = torch.tensor([t_train], dtype=torch.float64, device=ctx.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t_train = float(t.item())
+        s.epoch_seconds += t_train
 
-    def _paused_since(self, t_pause: float) -> float:
-        """Seconds since ``t_pause`` (after a sync), also left out of the current logging interval."""
+    def _end_epoch(self) -> None:
+        cfg, s = self.cfg, self.state
+        t_train = s.epoch_seconds
+        s.train_seconds += t_train
+        self.step_seconds.append(t_train / max(len(s.epoch_counts), 1))
+        mean_loss = (sum(l * c for l, c in zip(s.epoch_losses, s.epoch_counts)) / max(sum(s.epoch_counts), 1)
+                     if s.epoch_losses else float("nan"))
+        s.loss_curve.append(mean_loss)
+        paused = self.progress.pause()
+        self._at(2)
+        metrics = self.evaluate()
+        self.progress.resume(paused)
+        self._log_eval(metrics)
+        self.recorder.log("epoch", **{"train/epoch": s.epoch + 1, "train/loss": mean_loss,
+                                      "train/global_step": s.global_step, "train/seconds": t_train,
+                                      "train/samples_per_second": sum(s.epoch_counts) / t_train if t_train else 0.0,
+                                      "train/learning_rate": self.engine.lr()},
+                          **{eval_name(k): v for k, v in metrics.items() if k.startswith("test_")})
+        acc = metrics.get("test_accuracy")
+        every = max(1, cfg.epochs // 10)  # at most ~10 epoch lines, the last always
+        if (s.epoch + 1) % every == 0 or s.epoch + 1 == cfg.epochs:
+            self.progress.message(
+                f"epoch {s.epoch + 1}/{cfg.epochs}: train loss {mean_loss:.4f}"
+                + (f", test accuracy {acc:.4f}" if acc is not None else "")
+                + (f", eval loss {metrics['test_loss']:.4f}" if "test_loss" in metrics and acc is None else "")
+                + f", {t_train:.2f}s")
+        s.epoch += 1
+        s.step_in_epoch = 0
+        s.epoch_losses, s.epoch_counts, s.epoch_seconds = [], [], 0.0
+
+    def _pause_since(self, t_pause: float) -> None:
+        """Leave the time since ``t_pause`` out of the epoch's training time and the logging interval."""
         paused = now(self.ctx.device) - t_pause
+        self._paused += paused
         t, samples = self._interval_start
         self._interval_start = (t + paused, samples)
-        return paused
-
-    def _run_hooks(self) -> bool:
-        for hook in self.hooks.after_step:
-            hook(self)
-        return bool(self.hooks.after_step)
 
 
 def final_eval(state: LoopState) -> dict[str, float]:
