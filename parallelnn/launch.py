@@ -164,10 +164,22 @@ def init(cfg, device_name: str) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = check_backend(cfg.backend, device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout),
-                            device_id=device if device.type == "cuda" else None)
-    return Context(device=device, distributed=True,
-                   restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), **job)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # The watchdog (watchdog.py) names a hung rank after --timeout; the group's own timeout is the
+    # backstop behind it, so it is longer.
+    timeout = timedelta(seconds=2 * cfg.timeout + 10)
+    store = None
+    if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After a restart, torchrun's agent store still holds the dead attempt's keys (gloo peers'
+        # addresses among them), and new ranks would connect to processes that are gone. A prefix per
+        # attempt keeps each attempt's keys apart.
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                    is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"parallelnn/attempt-{restart}", agent_store)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                            store=store, rank=job["rank"] if store else -1,
+                            world_size=job["world_size"] if store else -1)
+    return Context(device=device, distributed=True, restart_count=restart, **job)
 
 
 def teardown() -> None:
@@ -189,9 +201,10 @@ def make_mesh(shape: tuple[int, ...], names: tuple[str, ...], device: torch.devi
 # -- spawning ------------------------------------------------------------------------------------
 
 class LaunchFailed(Exception):
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, stopped: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.stopped = stopped  # stopped on request (a signal), not an error
 
 
 # What ranks report when a *peer* died first: consequences, not causes.
@@ -211,7 +224,8 @@ def root_failure(failures: dict):
     """The failed rank that caused the others to fail: the earliest whose error is not a peer's."""
     import signal
 
-    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    # Ranks that left a message first (others may have been ended by the one that did), then by time.
+    ordered = sorted(failures.items(), key=lambda kv: (not failure_message(kv[1]), kv[1].timestamp, kv[0]))
     for rank, failure in ordered:
         stopped_by_agent = failure.exitcode == -signal.SIGTERM  # torchrun stops the survivors so
         if not stopped_by_agent and not any(marker in failure_message(failure) for marker in PEER_GONE):
@@ -229,13 +243,20 @@ def _reason(err: BaseException) -> str:
 
 def spawn(cfg, argv: list[str]) -> None:
     """Run ``python -m parallelnn <argv>`` as ``cfg.nproc`` ranks on this node through torchrun's agent."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # torchrun's agent logs every state change; our users want our one-line messages instead.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    logging.getLogger("torch.distributed.launcher").setLevel(logging.CRITICAL)
+    # torchrun's agent logs every state change (each of its loggers has its own level); our users want
+    # our one-line messages instead.
+    import torch.distributed.elastic.agent.server.api  # noqa: F401 - create the agent's loggers now
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if cfg.nnodes > 1:
         endpoint, run_id = cfg.rdzv_endpoint, "parallelnn-" + cfg.rdzv_endpoint.replace(":", "-")
     else:  # like torchrun --standalone: a private rendezvous on a free local port
@@ -256,7 +277,15 @@ def spawn(cfg, argv: list[str]) -> None:
         os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
     try:
         elastic_launch(config, sys.executable)("-m", "parallelnn", *argv)
+    except SignalException as err:  # this launcher was told to stop: the ranks saved a checkpoint
+        raise LaunchFailed(f"stopped by {signal.Signals(err.sigval).name}; to continue, run the same command "
+                           "with --resume auto", 128 + err.sigval, stopped=True) from None
     except ChildFailedError as err:
+        codes = {f.exitcode for f in err.failures.values()}
+        stop_codes = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        if codes <= stop_codes:  # every failed rank stopped on a signal, after saving a checkpoint
+            raise LaunchFailed("stopped by a signal; to continue, run the same command with --resume auto",
+                               codes.pop(), stopped=True) from None
         rank, failure = root_failure(err.failures)
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         what = failure_message(failure)

@@ -6,9 +6,11 @@ The flow is the one in DESIGN.md: config -> (launch) -> workload.build -> strate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from parallelnn.data.loaders import make_loader, steps_per_epoch
 from parallelnn.errors import UserError, warn
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
-from parallelnn.trainer import Hooks, Trainer, final_eval
+from parallelnn.checkpoint import Checkpointer
+from parallelnn.watchdog import Watchdog
+from parallelnn.trainer import PROGRESS_FILE, Hooks, Trainer, final_eval
 
 EVAL_TIMING = ("runtime", "samples_per_second", "steps_per_second")
 TIMING_NOTE = ("train_seconds: the training loops only (slowest rank), after a device sync; excludes data "
@@ -127,15 +131,27 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
             f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
     unit = "tokens" if built.tokens_per_sample else "samples"
     progress = Progress(ctx.is_main and not cfg.quiet, len(loaders[0]) * cfg.epochs, cfg.epochs, unit=unit)
-    trainer = Trainer(engine, built, cfg, ctx, loaders[0], loaders[1], recorder, progress, hooks)
+    checkpointer = Checkpointer(cfg, ctx, engine, built, Path(cfg.checkpoint_dir or out / "checkpoints"))
+    if cfg.checkpoint_every:
+        checkpointer.check_writable()
+    trainer = Trainer(engine, built, cfg, ctx, loaders[0], loaders[1], recorder, progress, hooks, checkpointer)
     trainer.flops_per_sample, trainer.peak_flops = flops, peak
+    resumed_from = resume(cfg, ctx, checkpointer, trainer, recorder, log)
+    progress.done = trainer.state.global_step  # a resumed run's bar starts where it stands
+    if ctx.distributed and ctx.world_size > 1 and "MASTER_ADDR" in os.environ:
+        trainer.watchdog = Watchdog(ctx.rank, ctx.world_size, cfg.timeout, ctx.restart_count)
     started = time.time()
     try:
-        state = trainer.fit()
+        with stop_on_signals(trainer):
+            state = trainer.fit()
     finally:
+        if trainer.watchdog is not None:
+            trainer.watchdog.close()
         progress.close()
         for loader in loaders:
             loader.close()
+    if state.stop_requested:
+        raise Stopped(state.stop_signal, state.global_step, trainer.last_checkpoint)
 
     per_rank = _gather({"rank": ctx.rank, "host": os.uname().nodename,
                         "step_seconds": trainer.step_seconds,
@@ -171,7 +187,9 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
         "first_step_seconds": trainer.first_step_seconds, "startup_seconds": trainer.startup_seconds,
         "timing": TIMING_NOTE, "strategy_detail": {k: v for k, v in engine.describe.items() if k != "per_rank"},
-        "per_rank": per_rank, "restarts": ctx.restart_count,
+        "per_rank": per_rank, "restarts": ctx.restart_count, "resumes": state.resumes,
+        "lost_steps": state.lost_steps, "resumed_from": str(resumed_from) if resumed_from else None,
+        "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
         "hardware": hardware(ctx.device), "versions": versions(),
         "command": cfg.command or "parallelnn run " + " ".join(config_to_argv(cfg)),
         "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(out),
@@ -191,6 +209,74 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     recorder.finish(record)
     recorder.close()
     return record
+
+
+class Stopped(Exception):
+    """Training stopped early on a signal, after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        import signal
+
+        self.signum, self.exit_code = signum, 128 + signum
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        super().__init__(f"stopped by {name} after step {step}; {where}; to continue, run the same "
+                         "command with --resume auto")
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer):
+    """SIGTERM/SIGINT ask the trainer to stop at the next step boundary (with a checkpoint) instead
+    of killing the process mid-step. A second signal acts as usual."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        trainer.stop.set(signum)
+        for sig, old in previous.items():  # the next one is not caught
+            signal.signal(sig, old)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resume(cfg: RunConfig, ctx: launch.Context, checkpointer: Checkpointer, trainer: Trainer, recorder: Recorder,
+           log) -> Path | None:
+    """Continue from a checkpoint when asked (--resume) or when torchrun restarted this job."""
+    if not (cfg.resume or ctx.restart_count > 0):
+        return None
+    path = checkpointer.resume_path(cfg.resume or "auto")
+    if path is None:
+        if ctx.is_main:
+            warn(f"no complete checkpoint in {checkpointer.directory}; starting from the beginning")
+        recorder.log("restart", restart=ctx.restart_count, checkpoint=None, **{"train/global_step": 0})
+        return None
+    checkpointer.load(path, trainer)
+    s = trainer.state
+    lost = 0
+    if ctx.is_main:
+        try:
+            last = int((recorder.out / PROGRESS_FILE).read_text().strip() or 0)
+            lost = max(0, last - s.global_step)
+        except (OSError, ValueError):
+            pass
+    s.resumes += 1
+    s.lost_steps += lost
+    recorder.log("restart", restart=ctx.restart_count, checkpoint=str(path), lost_steps=lost,
+                 **{"train/global_step": s.global_step, "train/epoch": s.epoch})
+    log(f"resumed from {path}: epoch {s.epoch + 1}, step {s.global_step}"
+        + (f" ({lost} steps since that checkpoint were lost)" if lost else ""))
+    return path
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -220,7 +306,6 @@ def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
     """``execute`` for one rank of a multi-process job: on failure, say why and end this process at
     once (``os._exit``), so that torchrun sees this rank's exit status and not a crash while the
     interpreter tears down a process group whose peers are gone."""
-    import sys
     import traceback
 
     from parallelnn.errors import report_user_error
@@ -230,6 +315,10 @@ def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
     rank = os.environ.get("RANK", "?")
     try:
         return execute(cfg)
+    except Stopped as stop:
+        if os.environ.get("RANK") == "0":
+            print(f"parallelnn: {stop}", file=sys.stderr)
+        code = stop.exit_code
     except UserError as err:
         code = report_user_error(err)
         get_error_handler().record_exception(err)  # torchrun's agent reads it: the root cause
@@ -282,12 +371,16 @@ def run_command(cfg: RunConfig) -> int:
         try:
             launch.spawn(cfg, ["run", *config_to_argv(cfg)])
         except launch.LaunchFailed as err:
-            print(f"parallelnn: error: {err}", flush=True, file=__import__("sys").stderr)
+            print(f"parallelnn: {'' if err.stopped else 'error: '}{err}", flush=True, file=sys.stderr)
             return err.exit_code
         record_path = Path(cfg.out) / "record.json"
         record = read_record(record_path) if record_path.is_file() else None
     else:
-        record = execute(cfg)
+        try:
+            record = execute(cfg)
+        except Stopped as stop:
+            print(f"parallelnn: {stop}", file=sys.stderr, flush=True)
+            return stop.exit_code
     if record is not None and not cfg.quiet:
         print(summary_line(record), flush=True)
     return 0

@@ -75,13 +75,14 @@ class BatchPlan:
     dp_rank: int = 0
     dp_size: int = 1
     epoch: int = 0
+    start: int = 0  # steps of this epoch already trained (resuming): they are skipped
 
     def global_batches(self) -> list[torch.Tensor]:
         return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
 
     def rank_batches(self) -> Iterator[tuple[torch.Tensor, int]]:
-        """(this rank's indices, global batch size) for each step."""
-        for batch in self.global_batches():
+        """(this rank's indices, global batch size) for each remaining step of the epoch."""
+        for batch in self.global_batches()[self.start:]:
             yield rank_share(batch, self.dp_rank, self.dp_size), len(batch)
 
 
@@ -91,9 +92,10 @@ class _Loader:
     plan: BatchPlan
 
     def set_epoch(self, epoch: int) -> None:
-        self.plan.epoch = epoch
+        self.plan.epoch, self.plan.start = epoch, 0
 
     def __len__(self) -> int:
+        """Steps in a whole epoch."""
         return len(self.plan.global_batches())
 
     def close(self) -> None:
@@ -134,7 +136,7 @@ class _RankBatches(Sampler):
         self.plan = plan
 
     def __len__(self) -> int:
-        return len(self.plan.global_batches())
+        return len(self.plan.global_batches()) - self.plan.start
 
     def __iter__(self):
         for idx, _ in self.plan.rank_batches():

@@ -145,6 +145,29 @@ class Engine:
             state = self.module.state_dict()
         return {k: v.detach().cpu() for k, v in state.items()}
 
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @staticmethod
+    def _state_options(full: bool):
+        """``full``: whole tensors, optimizer state nested (a single-process checkpoint); else shards as
+        they lie, optimizer state flattened to one key per parameter and value (for DCP, and so that
+        ranks holding different parameters, like pipeline stages, never write the same key)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=full, flatten_optimizer_state_dict=not full)
+
+    def checkpoint_state(self, full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model, optimizer) state under the model's parameter names."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(self.module, self.optimizer, options=self._state_options(full))
+
+    def load_checkpoint_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any], full: bool) -> None:
+        """Inverse of :meth:`checkpoint_state`; a full state is sharded here as this engine's layout needs."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=self._state_options(full))
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 

@@ -181,6 +181,41 @@ class PipelineEngine(Engine):
         dist.gather_object(local, parts, dst=0)
         return {k: v for part in parts for k, v in part.items()} if parts else {}
 
+    # Checkpoints carry the original model's names (stage modules number their layers from 0), so a
+    # pipeline checkpoint loads under another split or strategy, and stages never write the same key.
+    def _to_original(self, fqn: str) -> str:
+        stage, _, rest = fqn.partition(".")
+        return self.original_names[int(stage)].get(rest, fqn)
+
+    def _rename(self, model_sd, optim_sd, name):
+        def flat(key):  # "state.<fqn>.<leaf>" / "param_groups.<fqn>.<leaf>"
+            kind, _, rest = key.partition(".")
+            fqn, _, leaf = rest.rpartition(".")
+            return f"{kind}.{name(fqn)}.{leaf}"
+
+        model_sd = {name(k): v for k, v in model_sd.items()}
+        if "state" in optim_sd and isinstance(optim_sd["state"], dict):  # nested (full) form
+            optim_sd = {"state": {name(k): v for k, v in optim_sd["state"].items()},
+                        "param_groups": [{**g, "params": [name(p) for p in g["params"]]}
+                                         for g in optim_sd["param_groups"]]}
+        else:
+            optim_sd = {flat(k): v for k, v in optim_sd.items()}
+        return model_sd, optim_sd
+
+    def checkpoint_state(self, full: bool = False):
+        return self._rename(*super().checkpoint_state(full), self._to_original)
+
+    def load_checkpoint_state(self, model_sd, optim_sd, full: bool) -> None:
+        local = {}
+        for i, names in enumerate(self.original_names):
+            local.update({orig: f"{i}.{key}" for key, orig in names.items()})
+        if full:  # a whole-model checkpoint: keep this rank's stages only
+            model_sd = {k: v for k, v in model_sd.items() if k in local}
+            optim_sd = {"state": {k: v for k, v in optim_sd["state"].items() if k in local},
+                        "param_groups": [{**g, "params": [p for p in g["params"] if p in local]}
+                                         for g in optim_sd["param_groups"]]}
+        super().load_checkpoint_state(*self._rename(model_sd, optim_sd, lambda k: local.get(k, k)), full)
+
     @torch.no_grad()
     def eval_step(self, x, y=None):
         self._scale = 1.0
