@@ -163,8 +163,10 @@ def init(cfg, device_name: str) -> Context:
     device = resolve_device(device_name, job["local_rank"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = check_backend(cfg.backend, device)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if job["world_size"] == 1 and not needs_group:  # `single` under torchrun (e.g. for --max-restarts)
+        return Context(device=device, restart_count=restart, **job)
+    backend = check_backend(cfg.backend, device)
     # The watchdog (watchdog.py) names a hung rank after --timeout; the group's own timeout is the
     # backstop behind it, so it is longer.
     timeout = timedelta(seconds=2 * cfg.timeout + 10)

@@ -366,7 +366,7 @@ def run_command(cfg: RunConfig) -> int:
         record = execute_rank(cfg)
         if os.environ.get(launch.SPAWNED_ENV):
             return 0  # the parent that spawned this rank prints the summary
-    elif cfg.world_size > 1:
+    elif cfg.world_size > 1 or cfg.max_restarts > 0:  # torchrun's agent also restarts a lone process
         cfg = preflight(cfg)
         try:
             launch.spawn(cfg, ["run", *config_to_argv(cfg)])
