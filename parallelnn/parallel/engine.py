@@ -26,6 +26,16 @@ from torch import nn
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _by_layout(tensors) -> list[list[torch.Tensor]]:
+    """Tensors grouped so that each group is all plain tensors or all DTensors on one mesh."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    return list(groups.values())
+
+
 def total_grad_norm(parameters, group=None) -> torch.Tensor:
     """L2 norm of all gradients, correct for plain tensors and DTensors (FSDP/TP shards) alike.
 
@@ -35,11 +45,8 @@ def total_grad_norm(parameters, group=None) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
-    by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:
-        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     squared = None
-    for mesh, group_grads in by_mesh.items():
+    for group_grads in _by_layout(grads):
         norm = torch.nn.utils.get_total_norm(group_grads)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -90,15 +97,23 @@ class Engine:
     def parameters(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def norm_parameters(self):
+        """The parameters whose gradients count in the gradient norm (each counted once job-wide)."""
+        return self.parameters()
+
+    def _sync_gradients(self) -> None:
+        """Gradient communication the wrapper does not do itself (none, but for tied pipeline weights)."""
+
     def _step_optimizer(self) -> torch.Tensor | None:
         norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        self._sync_gradients()
         if self.track_grad_norm:
-            params = self.parameters()
-            norm = total_grad_norm(params, self.norm_group)
+            norm = total_grad_norm(self.norm_parameters(), self.norm_group)
             if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+                for group in _by_layout(self.parameters()):  # foreach kernels take one tensor kind
+                    torch.nn.utils.clip_grads_with_norm_(group, self.max_grad_norm, norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -129,6 +129,24 @@ class PipelineEngine(Engine):
         self.is_first, self.is_last = 0 in stage_ids, n_stages - 1 in stage_ids
         self._schedules: dict[int, object] = {}
         self._scale = 1.0
+        self.tied: list[torch.nn.Parameter] = []  # weights shared by the first and last stage (e.g. GPT-2's)
+        self.tied_group = None
+
+    def _sync_gradients(self) -> None:
+        """Tied weights live twice, on the first and last stage: both take the sum of both gradients,
+        so the two copies stay equal and equal the single model's one weight."""
+        import torch.distributed as dist
+
+        for p in self.tied:
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                dist.all_reduce(grad, group=self.tied_group)
+
+    def norm_parameters(self):
+        if self.is_last and not self.is_first and self.tied:  # the first stage counts the tied weights
+            tied = {id(p) for p in self.tied}
+            return [p for p in self.parameters() if id(p) not in tied]
+        return self.parameters()
 
     def _loss(self, output, target):
         return self.loss_fn(output, target) * self._scale
@@ -249,7 +267,9 @@ def apply(model, built, cfg, ctx, total_steps: int, *, mesh=None, wrap=None) -> 
     sample = built.train.head(2)
     bounds = stage_bounds(cfg, built, n_stages, sample.prepare(sample.inputs))
     stage_ids = [pp_rank + v * pp for v in range(virtual)]
-    modules, names = build_stages(model, built.layers(model), bounds, stage_ids, ctx.device)
+    layers = built.layers(model)
+    tied = tied_names(model, layers, bounds)  # before wrapping replaces the parameters
+    modules, names = build_stages(model, layers, bounds, stage_ids, ctx.device)
     if wrap is not None:
         modules = [wrap(m) for m in modules]
     m = microbatches(cfg, cfg.batch_size // dp_size, n_stages)
@@ -260,5 +280,33 @@ def apply(model, built, cfg, ctx, total_steps: int, *, mesh=None, wrap=None) -> 
                             pp_group=mesh.get_group("pp"), dp_rank=dp_rank, dp_size=dp_size,
                             describe=describe, n_microbatches=m)
     engine.original_names = names
+    if tied:
+        tie_first_and_last(engine, tied, mesh, describe)
     return engine
+
+
+def tied_names(model, layers, bounds) -> set[str]:
+    """Names of the weights that the first and the last stage share (GPT-2's embedding and head)."""
+    first = {id(p) for m in layers[bounds[0][0]:bounds[0][1]] for p in m.parameters()}
+    shared = {id(p) for m in layers[bounds[-1][0]:bounds[-1][1]] for p in m.parameters() if id(p) in first}
+    return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in shared}
+
+
+def tie_first_and_last(engine, names: set[str], mesh, describe) -> None:
+    """Give the holders of tied weights a group in which to sum their gradients."""
+    import torch.distributed as dist
+
+    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1])  # rows: one pipeline (dp index), columns: pp rank
+    for row in ranks.tolist():  # every rank creates every group, in the same order
+        group = dist.new_group([row[0], row[-1]])
+        if dist.get_rank() in (row[0], row[-1]):
+            engine.tied_group = group
+    if engine.is_first or engine.is_last:
+        for module, mapping in zip(engine.stage_modules, engine.original_names):
+            # named_parameters: the very tensors the optimizer steps (FSDP's state_dict hooks hand out
+            # other, unsharded views)
+            local = dict(module.named_parameters())
+            engine.tied += [local[k] for k, orig in mapping.items() if orig in names and k in local]
+        engine.tied = list({id(p): p for p in engine.tied}.values())
+    describe["tied_weights"] = sorted(names)
 

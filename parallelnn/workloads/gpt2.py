@@ -39,7 +39,7 @@ from torch import nn
 from parallelnn.data import text
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
-from parallelnn.workloads import Built
+from parallelnn.workloads import Built, gpt2_parallel
 
 DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}
 # The offline default model: GPT-2's architecture, shrunk so that CPUs train it in seconds.
@@ -249,7 +249,8 @@ def save_hf(state_dict: dict[str, torch.Tensor], out_dir: str, config, tokenizer
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config)
-    weights = {_strip(k): v.detach().to("cpu", torch.float32) for k, v in state_dict.items()}
+    weights = gpt2_parallel.to_conv1d_state({_strip(k): v.detach().to("cpu", torch.float32)
+                                             for k, v in state_dict.items()})
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", True)}
     if unexpected or set(missing) - tied:
@@ -359,6 +360,8 @@ def build(cfg, device: torch.device, log=print) -> Built:
         eval_sums=eval_sums,
         summarize=summarize,
         blocks=transformer_blocks,
+        layers=gpt2_parallel.pipeline_layers,
+        tensor_plan=gpt2_parallel.tensor_plan,
         save=save,
         tokens_per_sample=context,
         extra=extra,
