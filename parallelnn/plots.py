@@ -93,6 +93,8 @@ def time_throughput(groups: Sequence[tuple[str, list]], path: Path) -> str | Non
     if not groups:
         return None
     heights = [1.1 + 0.42 * len(runs) for _, runs in groups]
+    from matplotlib.ticker import FuncFormatter
+
     fig = _figure(12, sum(heights) + 0.4)
     axes = fig.subplots(len(groups), 2, squeeze=False, gridspec_kw={"height_ratios": heights})
     parts = []
@@ -110,6 +112,8 @@ def time_throughput(groups: Sequence[tuple[str, list]], path: Path) -> str | Non
         ax_t.set_xlabel("seconds in the training loops (lower is better)")
         ax_r.set_title("throughput", loc="left", fontsize=10)
         ax_r.set_xlabel(f"{unit}/s (higher is better)")
+        # Compact tick labels (25k, not 25000): six-digit rates otherwise run into each other.
+        ax_r.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v) if v else "0"))
         best = max((r for r, v in zip(runs, rates) if v), key=lambda r: r.record[key], default=None)
         if best is not None:
             parts.append(f"{title}: {len(runs)} run{'s' * (len(runs) != 1)}, the highest throughput "
