@@ -68,11 +68,14 @@ class CausalLM(nn.Module):
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over windows of each window's mean next-token cross-entropy (every window is full)."""
-    pred = logits[:, :-1].float()
-    labels = targets[:, 1:]
-    return nn.functional.cross_entropy(pred.reshape(-1, pred.size(-1)), labels.reshape(-1),
-                                       reduction="sum") / labels.size(1)
+    """Sum over windows of each window's mean next-token cross-entropy (every window is full).
+
+    The last position has no next token: it gets label -100 (ignored) rather than being sliced off,
+    because slicing the logits would copy them (batch x context x vocab floats) every step.
+    """
+    labels = torch.cat([targets[:, 1:], targets.new_full((targets.size(0), 1), -100)], dim=1)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                       reduction="sum", ignore_index=-100) / (targets.size(1) - 1)
 
 
 def eval_sums(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
