@@ -20,7 +20,6 @@ The checkpoint directory must be shared by all machines of a multi-machine job.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from parallelnn.errors import UserError, warn
-from parallelnn.record import atomic_write_json
+from parallelnn.record import atomic_write_json, sha256_file
 
 MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -48,14 +47,6 @@ def _distributed(ctx) -> bool:
 def _barrier(ctx) -> None:
     if _distributed(ctx):
         dist.barrier()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- RNG ---------------------------------------------------------------------------------------------
@@ -99,7 +90,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']}"
-        if sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -166,7 +157,7 @@ class Checkpointer:
             warn(f"checkpoint at step {step} not saved ({err.strerror or err}); the previous one is kept")
         ok = self._all_ok(ok)
         if ok and self.ctx.is_main:
-            files = {str(p.relative_to(partial)): {"size": p.stat().st_size, "sha256": sha256(p)}
+            files = {str(p.relative_to(partial)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(partial.rglob("*")) if p.is_file()}
             try:
                 atomic_write_json(partial / MANIFEST, {"step": step, "files": files})

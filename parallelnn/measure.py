@@ -73,14 +73,22 @@ def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> fl
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):  # warm-up: kernel selection, thread pool start
         a @ b
+
+    def three_matmuls():
+        for _ in range(3):
+            a @ b
+
+    return _best_rate(device, three_matmuls, 3 * 2 * n**3, seconds)
+
+
+def _best_rate(device: torch.device, op, work: float, seconds: float) -> float:
+    """The best ``work`` per second of ``op`` over repeated timed runs for ``seconds`` (at least one)."""
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
         t0 = now(device)
-        for _ in range(3):
-            a @ b
-        dt = now(device) - t0
-        best = max(best, 3 * 2 * n**3 / dt)
+        op()
+        best = max(best, work / (now(device) - t0))
     return best
 
 
@@ -160,14 +168,8 @@ def _bandwidth_probe(device: torch.device, seconds: float = 0.3) -> float:
     src = torch.ones(n, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: first touch of the pages, kernel start
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == 0.0:
-        t0 = now(device)
-        dst.copy_(src)
-        dt = now(device) - t0
-        best = max(best, 2 * src.numel() * src.element_size() / dt)  # bytes read + bytes written
-    return best
+    return _best_rate(device, lambda: dst.copy_(src), 2 * src.numel() * src.element_size(),  # read + written
+                      seconds)
 
 
 def peak_bandwidth(device: torch.device, refresh: bool = False) -> float:

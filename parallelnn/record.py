@@ -145,6 +145,18 @@ class Recorder:
         self.sinks = []
 
 
+def sha256_file(path: str | os.PathLike, gunzip: bool = False) -> str:
+    """SHA-256 of a file's bytes (``gunzip``: of its decompressed content), read in 1 MiB blocks."""
+    import gzip
+    import hashlib
+
+    digest = hashlib.sha256()
+    with (gzip.open if gunzip else open)(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """Read a record.json (or the record.json inside a run directory), checking its format."""
     path = Path(path)

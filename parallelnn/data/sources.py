@@ -7,8 +7,6 @@ only after its checksum matched, so an interrupted or corrupted download never p
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
 import shutil
 import tempfile
@@ -49,14 +47,12 @@ def embedded_mnist_dir() -> Path:
 
 
 def content_sha256(path: Path) -> str:
+    """SHA-256 of the file's content, decompressed when it is gzip (whatever its name)."""
+    from parallelnn.record import sha256_file
+
     with open(path, "rb") as fh:
         head = fh.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
-    digest = hashlib.sha256()
-    with opener(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path, gunzip=head == b"\x1f\x8b")
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:

@@ -86,3 +86,10 @@ def adam(lr: float):
 
 def sequential_layers(model: nn.Module) -> list[nn.Module]:
     return list(model)
+
+
+def classifier(model: nn.Sequential, train: ArraySplit, test: ArraySplit, dataset: str, lr: float) -> Built:
+    """A study-style classifier: cross-entropy, Adam, accuracy, its Sequential layers for pipelining."""
+    return Built(model=model, train=train, test=test, dataset=dataset, loss_fn=classifier_loss,
+                 make_optimizer=adam(lr), eval_sums=accuracy_metrics, summarize=accuracy_summary,
+                 layers=sequential_layers)

@@ -15,7 +15,7 @@ from torch import nn
 
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
-from parallelnn.workloads import Built, accuracy_metrics, accuracy_summary, adam, classifier_loss, sequential_layers
+from parallelnn.workloads import Built, classifier
 
 DEFAULTS = {"epochs": 100, "batch_size": 64, "lr": 1e-3, "log_every": 0, "max_grad_norm": 0.0}
 HIDDEN = 50
@@ -80,14 +80,5 @@ def build(cfg, device: torch.device, log=print) -> Built:
 
     torch.manual_seed(cfg.seed)
     model = simple_nn(X.shape[1], n_classes)
-    return Built(
-        model=model,
-        train=ArraySplit(torch.from_numpy(Xtr), torch.from_numpy(ytr).long(), prepare),
-        test=ArraySplit(torch.from_numpy(Xte), torch.from_numpy(yte).long(), prepare),
-        dataset=dataset,
-        loss_fn=classifier_loss,
-        make_optimizer=adam(cfg.lr),
-        eval_sums=accuracy_metrics,
-        summarize=accuracy_summary,
-        layers=sequential_layers,
-    )
+    return classifier(model, ArraySplit(torch.from_numpy(Xtr), torch.from_numpy(ytr).long(), prepare),
+                      ArraySplit(torch.from_numpy(Xte), torch.from_numpy(yte).long(), prepare), dataset, cfg.lr)

@@ -13,7 +13,7 @@ from torch import nn
 from parallelnn.data.idx import read_mnist_dir
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.data.sources import EMBEDDED_MNIST, download_mnist, embedded_mnist_dir
-from parallelnn.workloads import Built, accuracy_metrics, accuracy_summary, adam, classifier_loss, sequential_layers
+from parallelnn.workloads import Built, classifier
 
 DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "log_every": 0, "max_grad_norm": 0.0}
 MEAN, STD = 0.1307, 0.3081
@@ -53,14 +53,5 @@ def build(cfg, device: torch.device, log=print) -> Built:
     model = simple_cnn()
     # channels_last lets oneDNN (CPU) and cuDNN pick their fastest convolution kernels.
     model = model.to(memory_format=torch.channels_last)
-    return Built(
-        model=model,
-        train=ArraySplit(arrays["train_images"], arrays["train_labels"].long(), prepare),
-        test=ArraySplit(arrays["test_images"], arrays["test_labels"].long(), prepare),
-        dataset=dataset,
-        loss_fn=classifier_loss,
-        make_optimizer=adam(cfg.lr),
-        eval_sums=accuracy_metrics,
-        summarize=accuracy_summary,
-        layers=sequential_layers,
-    )
+    return classifier(model, ArraySplit(arrays["train_images"], arrays["train_labels"].long(), prepare),
+                      ArraySplit(arrays["test_images"], arrays["test_labels"].long(), prepare), dataset, cfg.lr)
