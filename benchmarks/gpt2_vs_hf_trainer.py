@@ -40,6 +40,7 @@ from parallelnn.data import text  # noqa: E402
 from parallelnn.launch import keep_freed_memory  # noqa: E402
 from parallelnn.runner import execute  # noqa: E402
 from parallelnn.workloads import gpt2  # noqa: E402
+from parallelnn.workloads.pretrained import no_progress_bars  # noqa: E402
 
 CONTEXT = gpt2.SCRATCH["n_positions"]
 
@@ -86,7 +87,7 @@ def parallelnn_run(args, workdir: str) -> tuple[torch.nn.Module, dict]:
     rec = execute(RunConfig(workload="gpt2", epochs=args.epochs, batch_size=args.windows, seed=args.seed,
                             device=args.device, threads=args.threads, precision=args.precision, quiet=True,
                             out=out))
-    with gpt2.no_progress_bars():
+    with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
     # Useful tokens: the stream of texts + EOS once per epoch; the wrapped repeats are not counted.
     return model, {"seconds": rec["train_seconds"], "useful_tokens": rec["train_stream_tokens"] * args.epochs,

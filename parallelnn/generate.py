@@ -14,89 +14,12 @@ Writes JSONL (id, sample, prompt, completion) to ``--out`` and prints each compl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
-import torch
 
-from parallelnn.errors import UserError, warn
-
-SMALL_MODEL_PARAMETERS = 200_000_000
-
-
-def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
-             top_p: float = 0.95, seed: int = 0, num_samples: int = 1, device: torch.device | str = "cpu",
-             stop: tuple[str, ...] = ()) -> list[list[str]]:
-    """``num_samples`` completions of each prompt (sampled, or greedy at temperature 0)."""
-    from parallelnn.workloads.gpt2 import max_positions
-
-    device = torch.device(device)
-    model = model.to(device).eval()
-    eos = tokenizer.eos_token_id
-    limit = max_positions(model.config)
-    room = None
-    if limit is not None:
-        room = limit - max_new_tokens - (eos is not None)
-        if room < 1:
-            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                            f"{limit} positions")
-    sampling = temperature > 0
-    options = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "num_return_sequences": num_samples,
-               "pad_token_id": eos if eos is not None else tokenizer.pad_token_id, "eos_token_id": eos}
-    if sampling:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        options.update(temperature=None, top_p=None, top_k=None)
-    if stop:  # stop generating once every sample has reached a stop text (they are cut there anyway)
-        options.update(stop_strings=list(stop), tokenizer=tokenizer)
-    with _decoding_threads(model, device):
-        results, cut = _generate(model, tokenizer, prompts, options, room, seed, stop)
-    if cut:
-        warn(f"{cut} prompts were longer than the model's {limit} positions allow with --max-new-tokens "
-             f"{max_new_tokens}: they keep their last {room} tokens")
-    return results
-
-
-@contextlib.contextmanager
-def _decoding_threads(model, device: torch.device):
-    """One CPU thread for small models: a decoding step's matrices are so small that waking more
-    threads costs more than it saves (measured: 2.3 ms a token with 1 thread, 10-45 ms with 2, on a
-    busy 2-core machine)."""
-    saved = torch.get_num_threads()
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
-    if device.type == "cpu" and small:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-def _generate(model, tokenizer, prompts, options, room, seed, stop):
-    from parallelnn.data.text import encode
-
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    results, cut = [], 0
-    for i, ids in enumerate(encode(tokenizer, prompts)):
-        if room is not None and len(ids) > room:
-            ids, cut = ids[-room:], cut + 1
-        ids = ([eos] if eos is not None else []) + ids
-        # Each prompt its own seed: its completions do not depend on which prompts came before.
-        torch.manual_seed(seed * 1_000_003 + i)
-        x = torch.tensor([ids], device=device)
-        with torch.no_grad():
-            out = model.generate(x, attention_mask=torch.ones_like(x), **options)
-        texts = tokenizer.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)
-        results.append([_cut_at(t, stop) for t in texts])
-    return results, cut
-
-
-def _cut_at(text: str, stops: tuple[str, ...]) -> str:
-    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(ends)] if ends else text
-
+from parallelnn.errors import UserError
+from parallelnn.workloads.pretrained import complete
 
 def add_parser(verbs) -> None:
     p = verbs.add_parser("generate", help="complete prompts with a saved model",
@@ -171,7 +94,7 @@ def prompts_from(ns: argparse.Namespace) -> list[tuple[str, str]]:
 def cmd_generate(ns: argparse.Namespace) -> int:
     from parallelnn.launch import resolve_device
     from parallelnn.record import atomic_write_text
-    from parallelnn.workloads.gpt2 import check_vocab, load_pretrained
+    from parallelnn.workloads.pretrained import check_vocab, load_pretrained
 
     _check(ns)
     device = resolve_device(ns.device)

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import platform
 import socket
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from parallelnn.data.sources import cache_dir
+from parallelnn.record import atomic_write_text, cpu_model
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,17 +54,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "mps":
         return "Apple MPS"
     return f"{cpu_model()} x{os.cpu_count()}"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> float:
@@ -115,8 +104,6 @@ def _cached(key: str, probe, refresh: bool) -> float:
     value = probe()
     cache[key] = value
     try:
-        from parallelnn.record import atomic_write_text
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(cache, indent=1))
     except OSError:

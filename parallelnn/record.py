@@ -23,7 +23,6 @@ import torch
 
 import parallelnn
 from parallelnn.errors import UserError
-from parallelnn.measure import cpu_model
 
 FORMAT_VERSION = 1
 RECORD = "record.json"
@@ -64,6 +63,17 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in a record")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def memory_bytes() -> int:

@@ -5,7 +5,6 @@ right after step 7, so 1 step is lost and training resumes from step 6.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -230,3 +230,23 @@ def test_bench_seed_writes_the_report_next_to_its_records(tmp_path, capsys):
     for name in ("time_throughput.png", "curves.png"):
         assert_real_png(out / "plots" / name)
     assert (out / "index.html").read_text().count("data:image/png;base64,") == 2
+
+
+def test_bench_scaling_runs_each_strategy_as_a_command_and_notes_what_cannot_run(tmp_path):
+    """bench scaling: the single-process baseline, each strategy at 1..N, speedups against the baseline
+    measured in the same bench, and a layout that cannot work listed with the reason."""
+    import csv
+
+    from conftest import cli
+
+    out = tmp_path / "bench"
+    proc = cli("bench", "scaling", "iris", "--max-nproc", "3", "--strategies", "pipeline", "--epochs", "2",
+               "--out", str(out), "--quiet", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "scaling.csv").open()))
+    assert [(r["strategy"], r["nproc"]) for r in rows] == [("single", "1"), ("pipeline", "2"), ("pipeline", "3")]
+    assert float(rows[0]["speedup"]) == 1.0
+    ran = rows[1]
+    assert float(ran["speedup"]) > 0 and ran["mesh"] == "pp2" and ran["note"] == ""
+    assert rows[2]["note"].startswith("skipped: 3 pipeline stages but the iris model has only 2 layers")
+    assert (out / "report" / "index.md").is_file() and (out / "pipeline-2" / "record.json").is_file()

@@ -15,7 +15,6 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
-from parallelnn.data.idx import MNIST_FILES
 from parallelnn.errors import UserError
 
 EMBEDDED_MNIST = "mnist-5k (embedded subset)"

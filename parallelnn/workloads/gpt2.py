@@ -23,15 +23,11 @@ it then samples K completions per test problem that has tests and runs them in t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -40,6 +36,7 @@ from parallelnn.data import text
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
 from parallelnn.workloads import Built, gpt2_parallel
+from parallelnn.workloads.pretrained import check_vocab, complete, load_pretrained, max_positions, no_progress_bars
 
 DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}
 # The offline default model: GPT-2's architecture, shrunk so that CPUs train it in seconds.
@@ -120,114 +117,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             return list(obj)
     lists = [m for m in hf.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
-
-
-def max_positions(config) -> int | None:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-# -- loading --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_progress_bars():
-    """transformers draws bars for loading and writing even a one-file model; our output says it instead."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-@dataclass
-class Loaded:
-    model: nn.Module | None  # None: scratch, built once the tokenizer is trained
-    tokenizer: Any
-    source: str  # "pretrained" | "scratch"
-    name: str
-    note: str | None = None  # why we fell back to scratch, if we did
-
-
-def _looks_like_path(name: str) -> bool:
-    # "org/model" is a hub name; "runs/x/model" whose parent exists is a mistyped directory.
-    return name.startswith(("/", ".", "~")) or (os.sep in name.rstrip(os.sep) and Path(name).parent.exists())
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection (quick, instead of minutes of retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # through a proxy only a real request can tell
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_pretrained(name: str, *, what: str = "--model", fallback_ok: bool = False) -> Loaded | None:
-    """Model + tokenizer from a directory, the local cache or the hub. None: hub unreachable (fallback_ok)."""
-    with no_progress_bars():
-        return _load_pretrained(name, what, fallback_ok)
-
-
-def _load_pretrained(name: str, what: str, fallback_ok: bool) -> Loaded | None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{what} {name}: the directory has no config.json (not a saved Hugging Face model)")
-        return Loaded(*_load_dir(str(path), what, name), "pretrained", name)
-    if path.exists() or _looks_like_path(name):
-        raise UserError(f"{what} {name}: no such model directory")
-    try:  # the local Hugging Face cache first: it needs no network
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
-        return Loaded(model, tok, "pretrained", name)
-    except (OSError, ValueError):
-        pass
-    if not hub_reachable():
-        if fallback_ok:
-            return None
-        raise UserError(f"{what} {name}: not a local directory, not in the Hugging Face cache, and the hub "
-                        "is not reachable")
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{what} {name}: cannot load it from the hub ({str(err).splitlines()[0]})")
-    return Loaded(model, tok, "pretrained", name)
-
-
-def _load_dir(path: str, what: str, name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{what} {name}: cannot load its tokenizer ({str(err).splitlines()[0]})")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"{what} {name}: cannot load it as a causal language model ({str(err).splitlines()[0]})")
-    return model, tok
-
-
-def check_vocab(tokenizer, model, what: str) -> None:
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise UserError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-                        f"only {rows} rows (tokenizer and model do not belong together)")
 
 
 def scratch_model(vocab_size: int, eos_id: int, seed: int) -> nn.Module:
@@ -375,7 +264,6 @@ def evaluate_pass_at_k(model, tokenizer, problems: list[dict], template: str, k:
                        device: torch.device, log) -> dict[str, Any]:
     """Sample ``k`` completions per problem here; run each with its tests in the sandbox, not here."""
     from parallelnn import sandbox
-    from parallelnn.generate import complete
 
     prompts = [text.render_prompt(template, p) for p in problems]
     log(f"pass@{k}: sampling {k} completions for each of {len(problems)} test problems with tests")
