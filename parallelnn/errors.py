@@ -1,13 +1,12 @@
 """User errors: one line on stderr and exit status 2, never a traceback.
 
 Anything the user can fix (a flag, a file, a device that is absent) raises :class:`UserError`
-as early as possible; :func:`exit_on_user_error` turns it into ``parallelnn: error: ...``.
+as early as possible; the command turns it into ``parallelnn: error: ...``.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
 
@@ -27,12 +26,3 @@ def warn(message: str) -> None:
 def report_user_error(err: UserError) -> int:
     print(f"parallelnn: error: {err}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
-
-
-@contextmanager
-def exit_on_user_error():
-    """Turn a UserError raised inside the block into a one-line message and SystemExit(2)."""
-    try:
-        yield
-    except UserError as err:
-        raise SystemExit(report_user_error(err)) from None

@@ -16,9 +16,8 @@ import logging
 import os
 import subprocess
 import sys
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -40,7 +39,6 @@ class Context:
     local_world_size: int = 1
     distributed: bool = False
     restart_count: int = 0
-    started_at: float = field(default_factory=time.time)
 
     @property
     def is_main(self) -> bool:

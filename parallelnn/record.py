@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -198,9 +197,3 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return events
-
-
-def command_line() -> str:
-    import shlex
-
-    return "parallelnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -16,7 +16,6 @@ save a checkpoint and leave. Everything the loop needs to continue exactly is in
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -416,7 +415,3 @@ class Trainer:
 
 def final_eval(state: LoopState) -> dict[str, float]:
     return state.eval_curve[-1] if state.eval_curve else {}
-
-
-def finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
