@@ -258,6 +258,8 @@ def hf_metrics(runs: Sequence[Any], path: Path) -> str | None:
     """The gpt2 runs' Hugging Face metrics against global step, one panel each, from metrics.jsonl."""
     if not runs:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     several_groups = len({r.group for r in runs}) > 1
     fig = _figure(16, 7.5)
     axes = list(fig.subplots(2, 4).flatten())
@@ -277,6 +279,7 @@ def hf_metrics(runs: Sequence[Any], path: Path) -> str | None:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="0.5")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("global step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole steps, even one point
         ax.grid(alpha=0.3)
     legend_ax = axes[len(HF_METRICS)]
     legend_ax.axis("off")

@@ -393,7 +393,10 @@ def summary_line(record: dict[str, Any]) -> str:
     elif record.get("eval_loss") is not None:
         parts.append(f"eval loss {record['eval_loss']:.4f}")
     parts.append(f"train {record['train_seconds']:.2f}s")
-    parts.append(f"{record['samples_per_second']:,.0f} samples/s")
+    if record.get("tokens_per_second"):
+        parts.append(f"{record['tokens_per_second']:,.0f} tokens/s")
+    else:
+        parts.append(f"{record['samples_per_second']:,.0f} samples/s")
     parts.append(f"MFU {record['mfu']:.2f}")
     if record.get("speedup") is not None:
         parts.append(f"speedup {record['speedup']:.2f} (efficiency {record['efficiency']:.2f})")
