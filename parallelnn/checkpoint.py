@@ -40,12 +40,8 @@ MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _distributed(ctx) -> bool:
-    return ctx.distributed and ctx.world_size > 1
-
-
 def _barrier(ctx) -> None:
-    if _distributed(ctx):
+    if ctx.multi_rank:
         dist.barrier()
 
 
@@ -177,14 +173,14 @@ class Checkpointer:
         return final
 
     def _all_ok(self, ok: bool) -> bool:
-        if not _distributed(self.ctx):
+        if not self.ctx.multi_rank:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) == 0
 
     def _write(self, trainer, directory: Path, step: int) -> None:
-        distributed = _distributed(self.ctx)
+        distributed = self.ctx.multi_rank
         model_sd, optim_sd = self.engine.checkpoint_state(full=not distributed)
         if distributed:
             import torch.distributed.checkpoint as dcp
@@ -234,7 +230,7 @@ class Checkpointer:
                         error = f"--resume {p}: no complete checkpoint in it"
             else:
                 path = find_newest_good(self.directory)
-        if _distributed(self.ctx):
+        if self.ctx.multi_rank:
             box = [str(path) if path else None, error]
             dist.broadcast_object_list(box, src=0)
             path, error = (Path(box[0]) if box[0] else None), box[1]

@@ -45,6 +45,11 @@ class Context:
         return self.rank == 0
 
     @property
+    def multi_rank(self) -> bool:
+        """Several ranks in a process group: collectives are needed (a one-rank group needs none)."""
+        return self.distributed and self.world_size > 1
+
+    @property
     def nnodes(self) -> int:
         return max(1, self.world_size // max(self.local_world_size, 1))
 

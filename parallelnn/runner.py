@@ -22,11 +22,11 @@ from parallelnn import launch, measure, parallel, workloads
 from parallelnn.config import RunConfig, config_to_argv
 from parallelnn.data.loaders import make_loader, steps_per_epoch
 from parallelnn.errors import UserError, warn
+from parallelnn.checkpoint import Checkpointer
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
-from parallelnn.checkpoint import Checkpointer
-from parallelnn.watchdog import Watchdog
 from parallelnn.trainer import PROGRESS_FILE, Hooks, Trainer, final_eval
+from parallelnn.watchdog import Watchdog
 
 EVAL_TIMING = ("runtime", "samples_per_second", "steps_per_second")
 TIMING_NOTE = ("train_seconds: the training loops only (slowest rank), after a device sync; excludes data "
@@ -46,7 +46,7 @@ def default_out(cfg: RunConfig) -> str:
 
 def _agree(obj: Any, ctx: launch.Context) -> Any:
     """Rank 0's value of ``obj`` on every rank."""
-    if not (ctx.distributed and ctx.world_size > 1):
+    if not ctx.multi_rank:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -54,7 +54,7 @@ def _agree(obj: Any, ctx: launch.Context) -> Any:
 
 
 def _gather(obj: Any, ctx: launch.Context) -> list[Any]:
-    if not (ctx.distributed and ctx.world_size > 1):
+    if not ctx.multi_rank:
         return [obj]
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
@@ -63,7 +63,7 @@ def _gather(obj: Any, ctx: launch.Context) -> list[Any]:
 
 def _peak(ctx: launch.Context) -> float:
     """The device peak from the per-machine cache; with several local ranks only one of them probes."""
-    if ctx.distributed and ctx.world_size > 1:
+    if ctx.multi_rank:
         if ctx.local_rank == 0:
             measure.peak_flops(ctx.device)
         dist.barrier()
@@ -77,7 +77,7 @@ def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None
     try:
         result = _execute(cfg, ctx, hooks)
     except BaseException:
-        if not (ctx.distributed and ctx.world_size > 1):
+        if not ctx.multi_rank:
             launch.teardown()
         # A failing rank leaves its peers mid-collective: tearing the group down now can crash or
         # hang, which would hide this rank's own error. The process is about to end anyway.
@@ -107,6 +107,9 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     strategy = parallel.load(cfg.strategy)
     if hasattr(strategy, "check"):
         strategy.check(cfg, built, ctx.world_size)
+    baseline = read_record(cfg.baseline) if cfg.baseline else None
+    if baseline is not None:  # a mismatch is found now, not after training
+        check_baseline(baseline, cfg.workload, built.dataset)
 
     sample = built.train.head(min(8, len(built.train)))
     flops = measure.flops_per_sample(built.model, built.loss_fn, sample.prepare(sample.inputs), sample.targets)
@@ -138,7 +141,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     trainer.flops_per_sample, trainer.peak_flops = flops, peak
     resumed_from = resume(cfg, ctx, checkpointer, trainer, recorder, log)
     progress.done = trainer.state.global_step  # a resumed run's bar starts where it stands
-    if ctx.distributed and ctx.world_size > 1 and "MASTER_ADDR" in os.environ:
+    if ctx.multi_rank and "MASTER_ADDR" in os.environ:
         trainer.watchdog = Watchdog(ctx.rank, ctx.world_size, cfg.timeout, ctx.restart_count)
     started = time.time()
     try:
@@ -204,8 +207,8 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         record["tokens_per_second"] = samples_per_second * built.tokens_per_sample
     if record.get("test_loss") is not None:
         record["eval_loss"] = record["test_loss"]
-    if cfg.baseline:
-        record.update(compare_to_baseline(record, read_record(cfg.baseline)))
+    if baseline is not None:
+        record.update(compare_to_baseline(record, baseline))
     recorder.finish(record)
     recorder.close()
     return record
@@ -289,13 +292,16 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Speedup (throughput ratio) and efficiency (speedup per process) against a single-process record."""
-    if base.get("workload") != record["workload"] or base.get("dataset") != record["dataset"]:
+def check_baseline(base: dict[str, Any], workload: str, dataset: str) -> None:
+    if base.get("workload") != workload or base.get("dataset") != dataset:
         raise UserError(f"--baseline is a {base.get('workload')} run on {base.get('dataset')}, "
-                        f"not {record['workload']} on {record['dataset']}")
+                        f"not {workload} on {dataset}")
     if not base.get("samples_per_second"):
         raise UserError("--baseline record has no throughput")
+
+
+def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Speedup (throughput ratio) and efficiency (speedup per process) against a single-process record."""
     speedup = record["samples_per_second"] / base["samples_per_second"]
     return {"baseline": {"out": base.get("out"), "strategy": base.get("strategy"),
                          "world_size": base.get("world_size"), "samples_per_second": base["samples_per_second"]},

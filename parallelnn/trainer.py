@@ -33,12 +33,8 @@ FAULT_ENV = "PARALLELNN_FAULT"
 PROGRESS_FILE = "progress"  # rank 0's last finished step, to count the steps a failure lost
 
 
-def distributed(ctx: Context) -> bool:
-    return ctx.distributed and ctx.world_size > 1
-
-
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if distributed(ctx):
+    if ctx.multi_rank:
         dist.all_reduce(t)
     return t
 
@@ -127,7 +123,7 @@ class StopFlag:
 
     def __init__(self, ctx: Context):
         self.local = 0
-        self.group = dist.new_group(backend="gloo") if distributed(ctx) else None
+        self.group = dist.new_group(backend="gloo") if ctx.multi_rank else None
         self._work = None
         self._buf = torch.zeros(1, dtype=torch.int32)
 
@@ -177,7 +173,7 @@ class Trainer:
         self._paused = 0.0  # seconds of the current epoch spent outside training (eval, checkpoints)
         self._progress_fd: int | None = None
         # Multi-rank runs profile a few early steps to see how much time collectives take.
-        self.comm_probe = CommProbe(ctx.device) if distributed(ctx) else None
+        self.comm_probe = CommProbe(ctx.device) if ctx.multi_rank else None
         self.first_step_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.step_seconds: list[float] = []
@@ -300,7 +296,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LoopState:
         cfg, ctx, s = self.cfg, self.ctx, self.state
-        if distributed(ctx):
+        if ctx.multi_rank:
             dist.barrier()
         self.engine.train(True)
         while s.epoch < cfg.epochs and not s.stop_requested:
@@ -368,7 +364,7 @@ class Trainer:
                 break
         self.flush()
         t_train = now(ctx.device) - self._epoch_start - self._paused
-        if distributed(ctx):
+        if ctx.multi_rank:
             # An epoch ends when its slowest rank ends: agree on the time.
             t = torch.tensor([t_train], dtype=torch.float64, device=ctx.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
