@@ -185,15 +185,24 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The events of a run's metrics.jsonl; a torn last line (a killed writer) is ignored."""
+def read_metrics(run_dir: str | os.PathLike, superseded: bool = False) -> list[dict[str, Any]]:
+    """The events of a run's metrics.jsonl; a torn last line (a killed writer) is ignored.
+
+    A ``restart`` event marks a resume from a checkpoint at its ``train/global_step``: the events an
+    earlier attempt wrote after that step were trained again, so they are dropped unless
+    ``superseded`` asks to keep everything as written.
+    """
     path = Path(run_dir) / METRICS
-    events = []
+    events: list[dict[str, Any]] = []
     if not path.is_file():
         return events
     for line in path.read_text().splitlines():
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except ValueError:
             continue
+        if event.get("event") == "restart" and not superseded:
+            resumed = event.get("train/global_step", 0)
+            events = [e for e in events if e.get("train/global_step", 0) <= resumed]
+        events.append(event)
     return events

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, cli, main, record
 from parallelnn.checkpoint import find_newest_good, verify
+from parallelnn.record import read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -69,6 +70,9 @@ def test_killed_rank_resumes_to_the_same_weights(layout, how, references, tmp_pa
     after = steps_after_restart(out)
     assert sorted(after) == list(range(7, 21))
     assert all(after[s] == expected[s] for s in after), "metrics after the resume must equal the uninterrupted run's"
+    # Readers (reports) see each step once: what the dead attempt wrote after the checkpoint is superseded.
+    steps = [(e["train/global_step"], e["train/loss"]) for e in read_metrics(out) if e["event"] == "step"]
+    assert steps == sorted(expected.items())
     rec, ref_rec = record(out), record(ref)
     assert rec["loss_curve"] == ref_rec["loss_curve"] and rec["test_accuracy"] == ref_rec["test_accuracy"]
     assert rec["resumes"] == 1 and rec["lost_steps"] == 1
