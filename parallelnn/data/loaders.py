@@ -80,6 +80,11 @@ class BatchPlan:
     def global_batches(self) -> list[torch.Tensor]:
         return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
 
+    @property
+    def steps(self) -> int:
+        """Steps in a whole epoch, counted without drawing the epoch's permutation."""
+        return steps_per_epoch(self.n, self.batch_size, self.dp_size)
+
     def rank_batches(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(this rank's indices, global batch size) for each remaining step of the epoch."""
         for batch in self.global_batches()[self.start:]:
@@ -96,7 +101,7 @@ class _Loader:
 
     def __len__(self) -> int:
         """Steps in a whole epoch."""
-        return len(self.plan.global_batches())
+        return self.plan.steps
 
     def close(self) -> None:
         pass
@@ -136,7 +141,7 @@ class _RankBatches(Sampler):
         self.plan = plan
 
     def __len__(self) -> int:
-        return len(self.plan.global_batches()) - self.plan.start
+        return self.plan.steps - self.plan.start
 
     def __iter__(self):
         for idx, _ in self.plan.rank_batches():
