@@ -48,9 +48,11 @@ SEED_COLUMNS = ("row", "dataset", "device", "loader", "workers", "epochs", "trai
 def device_missing(device: str) -> str | None:
     import torch
 
+    from parallelnn.launch import mps_available
+
     if device == "cuda" and not torch.cuda.is_available():
         return "skipped: no CUDA device on this machine"
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device == "mps" and not mps_available():
         return "skipped: no Apple MPS on this machine"
     return None
 

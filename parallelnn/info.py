@@ -46,16 +46,12 @@ def physical_cores() -> int | None:
     return len(cores) or None
 
 
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps and mps.is_available())
-
-
 def gather(refresh: bool = False) -> dict[str, Any]:
     """Everything ``info`` shows, as plain data (the --json output)."""
     import torch.distributed as dist
 
     from parallelnn import __version__, measure
+    from parallelnn.launch import mps_available
     from parallelnn.record import memory_bytes
 
     gpus = []
@@ -68,7 +64,7 @@ def gather(refresh: bool = False) -> dict[str, Any]:
     dist_ok = dist.is_available()
     build = {
         "version": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-        "mps_available": _mps_available(), "distributed": dist_ok,
+        "mps_available": mps_available(), "distributed": dist_ok,
         "gloo": bool(dist_ok and dist.is_gloo_available()), "nccl": bool(dist_ok and dist.is_nccl_available()),
         "default_threads": torch.get_num_threads(),
     }

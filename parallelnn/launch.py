@@ -91,10 +91,15 @@ def _first_slurm_host() -> str:
     raise UserError("under SLURM without MASTER_ADDR and no scontrol to read the node list: set MASTER_ADDR")
 
 
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an absent device is a UserError."""
     has_cuda = torch.cuda.is_available()
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    has_mps = mps_available()
     if name == "auto":
         name = "cuda" if has_cuda else "mps" if has_mps else "cpu"
     if name == "cuda":
