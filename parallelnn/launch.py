@@ -281,7 +281,6 @@ def spawn(cfg, argv: list[str]) -> None:
                       **({"is_host": cfg.node_rank == 0} if cfg.nnodes > 1 else {})},
         max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
-    env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ[SPAWNED_ENV] = "1"
     if os.environ.get(QUIET_CPP_ENV):  # the CLI quieted this process's C++ log; the ranks keep theirs
         os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
@@ -309,5 +308,3 @@ def spawn(cfg, argv: list[str]) -> None:
         raise LaunchFailed(f"could not start the job through {endpoint}: {_reason(err)}", EXIT_USER_ERROR) from None
     finally:
         os.environ.pop(SPAWNED_ENV, None)
-        if env_before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
