@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from parallelnn.errors import UserError, warn
+from parallelnn.launch import agree
 from parallelnn.record import atomic_write_json, sha256_file
 
 MANIFEST = "MANIFEST.json"
@@ -230,10 +231,7 @@ class Checkpointer:
                         error = f"--resume {p}: no complete checkpoint in it"
             else:
                 path = find_newest_good(self.directory)
-        if self.ctx.multi_rank:
-            box = [str(path) if path else None, error]
-            dist.broadcast_object_list(box, src=0)
-            path, error = (Path(box[0]) if box[0] else None), box[1]
+        path, error = agree((path, error), self.ctx)
         if error:
             raise UserError(error)
         return path

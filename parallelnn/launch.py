@@ -192,6 +192,24 @@ def init(cfg, device_name: str) -> Context:
     return Context(device=device, distributed=True, restart_count=restart, **job)
 
 
+def agree(obj, ctx: Context):
+    """Rank 0's value of ``obj`` on every rank (``obj`` as is without other ranks)."""
+    if not ctx.multi_rank:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj, ctx: Context) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not ctx.multi_rank:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         # Free pipeline stages and meshes still holding process groups before the groups go:

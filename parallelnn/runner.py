@@ -44,23 +44,6 @@ def default_out(cfg: RunConfig) -> str:
     return os.path.join("runs", f"{stamp}-{cfg.workload}-{cfg.strategy}")
 
 
-def _agree(obj: Any, ctx: launch.Context) -> Any:
-    """Rank 0's value of ``obj`` on every rank."""
-    if not ctx.multi_rank:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj: Any, ctx: launch.Context) -> list[Any]:
-    if not ctx.multi_rank:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _peak(ctx: launch.Context) -> float:
     """The device peak from the per-machine cache; with several local ranks only one of them probes."""
     if ctx.multi_rank:
@@ -92,7 +75,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
 
         tboard.require()
     threads = launch.set_threads(cfg.threads, ctx.local_world_size)
-    out = Path(_agree(cfg.out or default_out(cfg), ctx))
+    out = Path(launch.agree(cfg.out or default_out(cfg), ctx))
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
         prepare_out_dir(out, cfg.overwrite)
     log = (lambda msg: print(msg, flush=True)) if ctx.is_main and not cfg.quiet else (lambda msg: None)
@@ -156,7 +139,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     if state.stop_requested:
         raise Stopped(state.stop_signal, state.global_step, trainer.last_checkpoint)
 
-    per_rank = _gather({"rank": ctx.rank, "host": os.uname().nodename,
+    per_rank = launch.gather({"rank": ctx.rank, "host": os.uname().nodename,
                         "step_seconds": trainer.step_seconds,
                         "first_step_seconds": trainer.first_step_seconds,
                         "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
