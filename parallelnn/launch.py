@@ -96,6 +96,14 @@ def mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def job_store(prefix: str, restart: int, timeout: timedelta) -> dist.Store:
+    """A client of the job's key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), with keys kept
+    apart per ``prefix`` and per attempt (``restart``)."""
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"{prefix}/attempt-{restart}", client)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an absent device is a UserError."""
     has_cuda = torch.cuda.is_available()
@@ -183,9 +191,7 @@ def init(cfg, device_name: str) -> Context:
         # After a restart, torchrun's agent store still holds the dead attempt's keys (gloo peers'
         # addresses among them), and new ranks would connect to processes that are gone. A prefix per
         # attempt keeps each attempt's keys apart.
-        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                    is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"parallelnn/attempt-{restart}", agent_store)
+        store = job_store("parallelnn", restart, timeout)
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
                             store=store, rank=job["rank"] if store else -1,
                             world_size=job["world_size"] if store else -1)

@@ -19,7 +19,9 @@ import sys
 import threading
 import time
 
-import torch.distributed as dist
+from datetime import timedelta
+
+from parallelnn.launch import job_store
 
 ABORTED = 3  # exit status of ranks ended by the watchdog's abort (rank 0 exits 1 with the message)
 PHASES = {0: "finished step", 1: "in step", 2: "evaluating after step", 3: "checkpointing after step"}
@@ -31,9 +33,7 @@ class Watchdog:
         self.position = (0, 0)  # (global step, phase)
         self.moved = time.monotonic()
         self._seq = 0
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=__import__("datetime").timedelta(seconds=30))
-        self.store = dist.PrefixStore(f"parallelnn/watchdog/attempt-{restart}", client)
+        self.store = job_store("parallelnn/watchdog", restart, timedelta(seconds=30))
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (seq, when rank 0 saw it change)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="parallelnn-watchdog", daemon=True)
