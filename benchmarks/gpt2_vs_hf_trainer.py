@@ -11,7 +11,9 @@ many tokens as the Trainer's batches of texts do, unless ``--windows`` says othe
 
 (a) the Trainer as a fine-tuning script usually writes it: each text tokenized on its own, truncated
     to the context, batches padded to their longest text by ``DataCollatorForLanguageModeling``;
-(b) ``parallelnn run gpt2``: texts packed into full windows, no padding.
+(b) ``parallelnn run gpt2``: texts packed into full windows, no padding, and GPT-2's GELU run as
+    PyTorch's fused kernel (``gpt2.fused_activations``); ``--hf-fused-gelu`` gives (a) that kernel too,
+    to separate the two gains.
 
 Printed: useful (non-padding) training tokens per second of each, where time is the Trainer's
 ``train_runtime`` and parallelnn's ``train_seconds`` (both the training loop only, no evaluation;
@@ -63,6 +65,8 @@ def hf_trainer(args, tokenizer, train_texts, workdir: str) -> tuple[torch.nn.Mod
     tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; the usual fix
     encodings = tokenizer(train_texts, truncation=True, max_length=CONTEXT)["input_ids"]
     model = gpt2.scratch_model(len(tokenizer), tokenizer.eos_token_id, args.seed)
+    if args.hf_fused_gelu:  # what a Trainer user could do by hand: parallelnn's one kernel change
+        gpt2.fused_activations(model)
     training_args = TrainingArguments(
         output_dir=workdir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         learning_rate=3e-4, weight_decay=gpt2.WEIGHT_DECAY, warmup_steps=0.05, lr_scheduler_type="cosine",
@@ -122,6 +126,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-fused-gelu", action="store_true",
+                   help="give the Trainer's model parallelnn's fused GELU too (not the usual way)")
     p.add_argument("--repeat", type=int, default=3, help="alternating rounds; timings are medians (default 3)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,7 +166,8 @@ def main() -> int:
 
     print(f"\nGPT-2 scratch (4x256, context {CONTEXT}) on HumanEval train split ({len(train_texts)} texts), "
           f"{args.epochs} epoch(s), {args.threads} threads, {args.device}, {args.precision}; a step: "
-          f"{args.batch_size} texts (a), {args.windows} windows of {CONTEXT} tokens (b)")
+          f"{args.batch_size} texts (a), {args.windows} windows of {CONTEXT} tokens (b)"
+          + ("; (a) with the fused GELU too" if args.hf_fused_gelu else ""))
     print(f"{'':22} {'train s':>8} {'useful tok':>11} {'processed':>10} {'useful tok/s':>13} "
           f"{'test loss (packed)':>19} {'test loss (by text)':>20}")
     for name, r in results.items():

@@ -38,6 +38,7 @@ def test_run_reports_scratch_model_packing_and_hf_metric_names(trained):
     assert rec["dataset"] == text.HUMANEVAL and rec["model_source"] == "scratch"
     assert rec["tokenizer"].startswith("byte-level BPE trained on the 156 training texts")
     assert rec["train_texts"] == 156 and rec["test_texts"] == 8 and rec["texts_windowed"] > 0
+    assert rec["fused_activations"] == 4  # one GELU per block
     assert rec["steps"] == 3 and rec["tokens_per_sample"] == 128 and rec["tokens_seen"] == 24 * 128
     assert rec["tokens_per_second"] > 0 and rec["eval_loss"] == rec["test_loss"]
     assert rec["perplexity"] == pytest.approx(math.exp(rec["eval_loss"]))
@@ -70,6 +71,24 @@ def test_saved_directory_loads_with_plain_transformers_and_reproduces_the_eval_l
     prompt = tok("def add(a, b):", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_fused_gelu_trains_the_same_model_as_gpt2s_own():
+    import copy
+
+    from parallelnn.workloads import gpt2
+
+    reference = gpt2.scratch_model(512, 0, seed=0)
+    fused = copy.deepcopy(reference)
+    assert gpt2.fused_activations(fused) == 4 and gpt2.fused_activations(fused) == 0
+    x = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model in (reference, fused):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        outputs.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert outputs[1][0] == pytest.approx(outputs[0][0], rel=1e-6)
+    assert torch.allclose(outputs[1][1], outputs[0][1], rtol=1e-4, atol=1e-7)
 
 
 def test_generate_prints_and_writes_a_completion(trained, tmp_path, capsys):
