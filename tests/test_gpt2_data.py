@@ -167,6 +167,7 @@ BAD = {
     "non-text": (["--data", "{tmp}/lists.jsonl"], "column 'solution' (solution) holds non-text values (row 2: list"),
     "empty after filtering": (["--data", "{tmp}/empty.jsonl"], "empty dataset: none of its 2 rows has text"),
     "broken jsonl": (["--data", "{tmp}/broken.jsonl"], "line 2 is not valid JSON"),
+    "not utf-8": (["--data", "{tmp}/latin1.csv"], "not UTF-8 text (invalid continuation byte at line 3, byte 26)"),
     "one row": (["--data", "{tmp}/one.jsonl"], "a train/test split needs at least 2"),
     "bad template": (["--template", "{title}"], "unknown field {title}"),
     "model dir without config": (["--model", "{tmp}"], "has no config.json"),
@@ -187,6 +188,7 @@ def bad_inputs(tmp_path_factory):
     write_jsonl(tmp / "lists.jsonl", [{"statement": "x", "solution": "y"}, {"statement": "x", "solution": ["y"]}])
     write_jsonl(tmp / "empty.jsonl", [{"statement": "", "solution": None}, {"statement": " ", "solution": ""}])
     (tmp / "broken.jsonl").write_text('{"statement": "x"}\n{"statement": \n')
+    (tmp / "latin1.csv").write_bytes("statement,solution\nok,y\nna\u00efve,x\n".encode("latin-1"))
     write_jsonl(tmp / "one.jsonl", [{"statement": "x", "solution": "y"}])
     tiny_hf_dir(tmp / "tiny")
     tiny_hf_dir(tmp / "mismatch", vocab_delta=-10)

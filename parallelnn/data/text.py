@@ -113,10 +113,21 @@ def read_table(path: str) -> Table:
     except OSError as err:
         raise UserError(f"{where}: {err.strerror or err}")
     except UnicodeDecodeError as err:
-        raise UserError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})")
+        raise UserError(f"{where}: not UTF-8 text ({err.reason} {_where_undecodable(p)})")
     except Exception as err:  # pandas/pyarrow parser errors have many types; all mean "cannot read it"
         raise UserError(f"{where}: not a readable {kind.upper()} file ({type(err).__name__}: {err})")
     return Table(columns, rows, where)
+
+
+def _where_undecodable(p: Path) -> str:
+    """'at line L, byte B' of the file's first invalid UTF-8 (parsers report offsets into their own buffers)."""
+    data = p.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"at line {line}, byte {err.start}"
+    return "somewhere"
 
 
 def _read_json_rows(p: Path, kind: str, where: str) -> list[dict[str, Any]]:
