@@ -112,8 +112,10 @@ def test_generate_prints_and_writes_a_completion(trained, tmp_path, capsys):
     for args, message in ((["--model", str(tmp_path), "--prompt", "x"],
                            f"--model {tmp_path}: the directory has no config.json (not a saved Hugging Face model)"),
                           (["--model", str(out / "model"), "--prompt", "x", "--temperature", "0", "--num-samples", "2"],
-                           "--temperature 0 (greedy) gives one completion per prompt")):
-        assert main("generate", *args, "--out", str(gen)) == 2
+                           "--temperature 0 (greedy) gives one completion per prompt"),
+                          (["--model", str(out / "model"), "--prompt", "x", "--out", str(tmp_path)],
+                           f"--out {tmp_path} is a directory; name a file")):
+        assert main("generate", "--out", str(gen), *args) == 2  # a later --out wins
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"parallelnn: error: {message}"), err
 
