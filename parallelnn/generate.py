@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -62,12 +61,12 @@ def _check(ns: argparse.Namespace) -> None:
     if not ns.data and (ns.columns or ns.template or ns.limit):
         raise UserError("--columns, --template and --limit apply to --data only")
     # Before any generating: where the completions go must be able to take them.
+    from parallelnn.record import check_writable_place
+
     out = Path(ns.out)
     if out.is_dir():
         raise UserError(f"--out {ns.out} is a directory; name a file, e.g. {out / 'generations.jsonl'}")
-    parent = next((d for d in (out.parent, *out.parent.parents) if d.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {ns.out}: {parent} is not a writable directory")
+    check_writable_place(out, "--out")
 
 
 def prompts_from(ns: argparse.Namespace) -> list[tuple[str, str]]:

@@ -105,10 +105,15 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise UserError(f"--out {out} exists and is not a directory")
     if (out / RECORD).exists() and not overwrite:
         raise UserError(f"--out {out} already holds a record; pass --overwrite to replace it")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: {parent} is not writable")
+    check_writable_place(out, "--out")
     return out
+
+
+def check_writable_place(path: Path, flag: str) -> None:
+    """Refuse, before any work, a path whose nearest existing folder cannot take new entries."""
+    place = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not place.is_dir() or not os.access(place, os.W_OK):
+        raise UserError(f"{flag} {path}: {place} is not writable")
 
 
 class Recorder:
