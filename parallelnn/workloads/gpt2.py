@@ -126,8 +126,9 @@ def fused_activations(model: nn.Module) -> int:
     ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` as about eight elementwise kernels forward and
     more backward, each a pass over the MLP's widest activations. transformers' own ``GELUTanh``
     (``gelu_pytorch_tanh``: ``gelu(approximate="tanh")``) is one kernel each way, equal up to rounding
-    (its docs say so; a test holds them together). On the scratch model this saves 7% of a CPU training
-    step. The config keeps its activation name, so the saved model is the model that was trained.
+    (its docs say so; a test holds them together). A CPU training step of the scratch model is 5% faster
+    (219.5 -> 208.5 ms, 5 windows, 2 threads). The config keeps its activation name, so the saved
+    model is the model that was trained.
     """
     from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
