@@ -165,10 +165,10 @@ SCALING_COLUMNS = ("strategy", "nproc", "mesh", "samples_per_second", "speedup",
 
 def add_scaling_parser(kinds) -> None:
     p = kinds.add_parser("scaling", help="every strategy at 1..N processes, with speedup and efficiency")
-    p.add_argument("workload", choices=("iris", "mnist", "gpt2"))
+    p.add_argument("workload")
     p.add_argument("--max-nproc", type=int, help="largest process count (default: GPUs, else CPU cores)")
-    p.add_argument("--strategies", default="ddp,fsdp,pipeline,tensor,hybrid",
-                   help="comma-separated strategies besides the single-process baseline")
+    p.add_argument("--strategies", help="comma-separated strategies besides the single-process baseline "
+                                        "(default: every other one)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit", type=int, help="first N training samples")
     p.add_argument("--batch-size", type=int)
@@ -188,24 +188,34 @@ def default_max_nproc(device: str) -> int:
 
 
 def plan(strategies: list[str], max_nproc: int) -> list[tuple[str, int, list[str]]]:
-    """(strategy, nproc, extra arguments) rows, the single-process baseline first."""
-    rows = [("single", 1, [])]
+    """(strategy, nproc, extra arguments) rows, the single-process baseline first: each strategy at each
+    process count it can run (each strategy says which, and with what arguments)."""
+    from parallelnn import parallel
+
+    reference = parallel.names()[0]
+    rows: list[tuple[str, int, list[str]]] = [(reference, 1, [])]
     for n in range(1, max_nproc + 1):
-        for strategy in strategies:
-            if strategy in ("ddp", "fsdp"):
-                rows.append((strategy, n, []))
-            elif strategy in ("pipeline", "tensor") and n >= 2:
-                rows.append((strategy, n, []))
-            elif strategy == "hybrid" and n >= 4 and n % 2 == 0:
-                rows.append((strategy, n, ["--mesh", f"{n // 2}x2"]))
+        for name in strategies:
+            args = parallel.get(name).bench_variants(n)
+            if args is not None:
+                rows.append((name, n, args))
     return rows
 
 
-def cmd_scaling(ns: argparse.Namespace) -> int:
-    strategies = [s.strip() for s in ns.strategies.split(",") if s.strip()]
-    unknown = set(strategies) - {"ddp", "fsdp", "pipeline", "tensor", "hybrid"}
+def chosen_strategies(text: str | None) -> list[str]:
+    """``--strategies a,b`` (default: every strategy but the single-process reference), checked."""
+    from parallelnn import parallel
+
+    known = parallel.names()
+    strategies = [s.strip() for s in text.split(",") if s.strip()] if text else known[1:]
+    unknown = set(strategies) - set(known[1:])
     if unknown:
-        raise UserError(f"--strategies: unknown {', '.join(sorted(unknown))}")
+        raise UserError(f"--strategies: unknown {', '.join(sorted(unknown))}: choose among {', '.join(known[1:])}")
+    return strategies
+
+
+def cmd_scaling(ns: argparse.Namespace) -> int:
+    strategies = chosen_strategies(ns.strategies)
     max_nproc = ns.max_nproc or default_max_nproc(ns.device)
     if max_nproc < 1:
         raise UserError("--max-nproc must be positive")
@@ -217,7 +227,7 @@ def cmd_scaling(ns: argparse.Namespace) -> int:
     log = (lambda m: None) if ns.quiet else (lambda m: print(m, flush=True))
     table: list[dict[str, Any]] = []
     baseline: Path | None = None
-    for strategy, n, extra in plan(strategies, max_nproc):
+    for i, (strategy, n, extra) in enumerate(plan(strategies, max_nproc)):
         run_dir = out / f"{strategy}-{n}"
         argv = ["run", *common, "--strategy", strategy, "--nproc", str(n), *extra, "--out", str(run_dir)]
         if baseline is not None:
@@ -230,12 +240,12 @@ def cmd_scaling(ns: argparse.Namespace) -> int:
             reason = lines[-1].removeprefix("parallelnn: error: ") if lines else f"exit {proc.returncode}"
             row["note"] = ("skipped: " if proc.returncode == 2 else "failed: ") + reason
             log(f"  {row['note']}")
-            if strategy == "single":
+            if i == 0:
                 raise UserError(f"the single-process baseline failed: {reason}")
             table.append(row)
             continue
         rec = read_record(run_dir)
-        if strategy == "single":
+        if i == 0:  # the plan's first row is the single-process baseline
             baseline = run_dir / "record.json"
             rec.update(speedup=1.0, efficiency=1.0)
         shares = [r.get("comm_share") for r in rec.get("per_rank", []) if r.get("comm_share") is not None]

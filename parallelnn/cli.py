@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from parallelnn import __version__
-from parallelnn.config import QUIET_CPP_ENV, T0_ENV, RunConfig, config_fields, load_toml, option_name, validate
+from parallelnn import __version__, parallel
+from parallelnn.config import QUIET_CPP_ENV, T0_ENV, RunConfig, config_fields, load_toml, option_name
 from parallelnn.errors import EXIT_USER_ERROR, UserError, report_user_error
 
 
@@ -43,14 +43,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
+        if f.name == "strategy":  # the strategies are the modules of parallelnn.parallel
+            kwargs["choices"] = parallel.names()
         if meta.get("positional"):
             p.add_argument(f.name, nargs="?", **{**kwargs, "default": None})
         elif meta.get("flag"):
-            p.add_argument(option_name(f), action="store_true", **kwargs)
+            p.add_argument(option_name(f.name), action="store_true", **kwargs)
         elif meta.get("negatable"):
-            p.add_argument(option_name(f), action=argparse.BooleanOptionalAction, **kwargs)
+            p.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            p.add_argument(option_name(f), type=_field_type(f), metavar=meta.get("metavar"), **kwargs)
+            p.add_argument(option_name(f.name), type=_field_type(f), metavar=meta.get("metavar"), **kwargs)
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
@@ -85,11 +87,11 @@ def build_parser() -> Parser:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from parallelnn.runner import run_command
+    from parallelnn.runner import check, run_command
 
     cfg = config_from_args(ns)
     cfg.command = "parallelnn " + " ".join(_quote(a) for a in sys.argv[1:])
-    return run_command(validate(cfg))
+    return run_command(check(cfg))
 
 
 def _quote(arg: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,6 @@ SPAWNED_ENV = "PARALLELNN_SPAWNED"  # set in ranks that `run --nproc N` spawned:
 QUIET_CPP_ENV = "PARALLELNN_QUIET_CPP"  # the CLI set TORCH_CPP_LOG_LEVEL for itself only
 
 WORKLOADS = ("iris", "mnist", "gpt2")
-STRATEGIES = ("single", "ddp", "fsdp", "pipeline", "tensor", "hybrid")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOADERS = ("memory", "dataloader")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
@@ -42,7 +40,7 @@ def opt(default: Any = None, help: str = "", **cli: Any) -> Any:
 class RunConfig:
     # --- what and where -------------------------------------------------------------------------
     workload: str = opt(None, "what to train", choices=WORKLOADS, positional=True)
-    strategy: str = opt("single", "how to spread training over processes", choices=STRATEGIES)
+    strategy: str = opt("single", "how to spread training over processes")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
     # --- data -----------------------------------------------------------------------------------
     data: str | None = opt(None, "user data: iris CSV; MNIST IDX directory; gpt2 CSV/JSONL/Parquet", metavar="PATH")
@@ -140,23 +138,6 @@ def load_toml(path: str) -> dict[str, Any]:
     return values
 
 
-def parse_mesh(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise UserError(f"--mesh '{text}' is not of the form AxB with positive integers, e.g. 2x2")
-    return int(m.group(1)), int(m.group(2))
-
-
-def parse_split(text: str) -> list[int]:
-    try:
-        points = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UserError(f"--split '{text}' must be comma-separated layer indices, e.g. 4,7")
-    if not points or points != sorted(set(points)) or points[0] < 1:
-        raise UserError(f"--split '{text}' must be increasing layer indices of at least 1")
-    return points
-
-
 def _positive(cfg: RunConfig, name: str, allow_zero: bool = False) -> None:
     value = getattr(cfg, name)
     if value is None:
@@ -169,14 +150,15 @@ def _positive(cfg: RunConfig, name: str, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
-    """Check everything that needs no model or data; raise UserError on the first problem.
+    """Check every field that needs no model or data; raise UserError on the first problem. (The strategy
+    and its layout are checked by :func:`parallelnn.parallel.resolve`.)
 
     ``launching=False`` for a rank of a job torchrun or srun started: the machines are already
     together, so the rendezvous options do not apply.
     """
     if cfg.workload is None:
         raise UserError("no workload given: choose one of " + ", ".join(WORKLOADS))
-    for name, allowed in (("workload", WORKLOADS), ("strategy", STRATEGIES), ("device", DEVICES),
+    for name, allowed in (("workload", WORKLOADS), ("device", DEVICES),
                           ("loader", LOADERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
         value = getattr(cfg, name)
         if value not in allowed:
@@ -199,22 +181,6 @@ def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
         host, _, port = cfg.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UserError(f"--rdzv-endpoint '{cfg.rdzv_endpoint}' must be HOST:PORT")
-    if cfg.strategy == "single" and cfg.world_size > 1:
-        raise UserError(f"--strategy single runs one process; for --nproc {cfg.nproc} --nnodes {cfg.nnodes} "
-                        "choose ddp, fsdp, pipeline, tensor or hybrid")
-    if cfg.strategy in ("pipeline", "tensor") and cfg.world_size < 2:
-        raise UserError(f"--strategy {cfg.strategy} needs at least 2 processes (--nproc 2)")
-    if cfg.strategy == "hybrid":
-        if not cfg.mesh:
-            raise UserError("--strategy hybrid needs --mesh DPxTP (or DPxPP with --hybrid pipeline), e.g. 2x2")
-        dp, other = parse_mesh(cfg.mesh)
-        if dp * other != cfg.world_size:
-            raise UserError(f"--mesh {cfg.mesh} has {dp * other} ranks but the job has {cfg.world_size} "
-                            f"(--nproc {cfg.nproc} x --nnodes {cfg.nnodes})")
-    elif cfg.mesh:
-        raise UserError("--mesh applies to --strategy hybrid only")
-    if cfg.split:
-        parse_split(cfg.split)
     if cfg.loader == "memory" and cfg.workers:
         raise UserError("--workers applies to --loader dataloader (the memory loader has no workers)")
     if cfg.batch_size is not None and cfg.grad_accum > cfg.batch_size:
@@ -228,8 +194,9 @@ def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
     return cfg
 
 
-def option_name(f: dataclasses.Field) -> str:
-    return "--" + f.name.replace("_", "-")
+def option_name(name: str) -> str:
+    """A field's command-line option: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def config_to_argv(cfg: RunConfig) -> list[str]:
@@ -242,9 +209,9 @@ def config_to_argv(cfg: RunConfig) -> list[str]:
         elif value == f.default:
             continue
         elif f.metadata.get("flag"):
-            argv.append(option_name(f))
+            argv.append(option_name(f.name))
         elif f.metadata.get("negatable"):
-            argv.append(option_name(f) if value else "--no-" + option_name(f)[2:])
+            argv.append(option_name(f.name) if value else "--no-" + option_name(f.name)[2:])
         elif value is not None:
-            argv += [option_name(f), str(value)]
+            argv += [option_name(f.name), str(value)]
     return argv

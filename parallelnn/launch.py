@@ -163,10 +163,10 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-def init(cfg, device_name: str) -> Context:
-    """Join (or create) the process group for this rank and pick its device."""
+def init(cfg, device_name: str, needs_group: bool) -> Context:
+    """Join (or create) the process group for this rank and pick its device (``needs_group``: the
+    strategy runs collectives even with one process)."""
     job = job_env()
-    needs_group = cfg.strategy != "single"
     if job is None:
         device = resolve_device(device_name)
         ctx = Context(device=device)
@@ -180,7 +180,7 @@ def init(cfg, device_name: str) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if job["world_size"] == 1 and not needs_group:  # `single` under torchrun (e.g. for --max-restarts)
+    if job["world_size"] == 1 and not needs_group:  # one process under torchrun (e.g. for --max-restarts)
         return Context(device=device, restart_count=restart, **job)
     backend = check_backend(cfg.backend, device)
     # The watchdog (watchdog.py) names a hung rank after --timeout; the group's own timeout is the

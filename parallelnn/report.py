@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parallelnn.config import STRATEGIES
+from parallelnn import baseline, parallel
 from parallelnn.errors import UserError, warn
 from parallelnn.record import METRICS, RECORD, atomic_write_text, read_metrics, read_record
 
@@ -98,16 +98,9 @@ OPTIONAL_COLUMNS = ("tokens_per_second", "test_accuracy", "eval_loss")  # left o
 LABEL_FIELDS = (("device", str), ("loader", str), ("workers", lambda v: f"{v} workers"), ("precision", str),
                 ("batch_size", lambda v: f"batch {v}"), ("epochs", lambda v: f"{v} epoch{'s' * (v != 1)}"),
                 ("mesh", lambda v: _mesh(v)), ("lr", lambda v: f"lr {v:g}"), ("seed", lambda v: f"seed {v}"))
-# The matching rule for speedup (see baseline_for).
-MATCH_KEYS = ("workload", "dataset", "device", "batch_size", "epochs")
-PREFER_KEYS = ("loader", "workers", "precision", "train_samples", "lr", "seed")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
-MATCH_RULE = ("Speedup is a run's samples/s divided by that of its baseline: the single-process record "
-              "(strategy single, one process) of the same workload, dataset, device, batch size and epochs — "
-              "among several, the one sharing the most of loader, workers, precision, training samples, lr "
-              "and seed, a single-process run being its own — and efficiency is speedup / nproc. A record "
-              "made with --baseline keeps its own figures (baseline marked 'own').")
+MATCH_RULE = baseline.RULE
 
 
 @dataclass
@@ -218,25 +211,9 @@ def _default_name(record: dict[str, Any]) -> str:
 
 
 def baseline_for(run: Run, runs: Sequence[Run]) -> Run | None:
-    """The run whose throughput ``run``'s speedup is measured against, or None.
-
-    Matching: strategy "single" with one process, and the same workload, dataset, device, batch_size
-    and epochs (a throughput ratio is only meaningful for the same work on the same kind of device).
-    Among several matches: the one agreeing with ``run`` on the most of loader, workers, precision,
-    train_samples, lr and seed; then ``run`` itself (a single-process run is its own baseline,
-    speedup 1); then the first given.
-    """
-    def matches(c: Run) -> bool:
-        r = c.record
-        return (r.get("strategy") == "single" and (r.get("world_size") or 1) == 1 and bool(r.get("samples_per_second"))
-                and all(r.get(k) == run.record.get(k) for k in MATCH_KEYS))
-
-    candidates = [c for c in runs if matches(c)]
-    if not candidates:
-        return None
-    order = {id(c): i for i, c in enumerate(runs)}
-    return max(candidates, key=lambda c: (sum(c.record.get(k) == run.record.get(k) for k in PREFER_KEYS),
-                                          c is run, -order[id(c)]))
+    """The run whose throughput ``run``'s speedup is measured against (the rule: :mod:`parallelnn.baseline`)."""
+    index = baseline.choose(run.record, [r.record for r in runs])
+    return None if index is None else runs[index]
 
 
 def _mesh(mesh: Any) -> str:
@@ -250,9 +227,9 @@ def _label_runs(runs: list[Run]) -> None:
     """Give each run of one group a label naming what sets it apart (strategy xN, then differing fields)."""
     varying = [(key, show) for key, show in LABEL_FIELDS if len({repr(r.record.get(key)) for r in runs}) > 1]
     for r in runs:
-        # A mesh only says more than "strategy xN" for a hybrid (which dimensions, how large).
+        # A mesh only says more than "strategy xN" when it has two dimensions (which, how large).
         extras = [show(r.record[key]) for key, show in varying if r.record.get(key) is not None
-                  and (key != "mesh" or r.record.get("strategy") == "hybrid")]
+                  and (key != "mesh" or len(r.record["mesh"]) > 1)]
         r.series = " · ".join([str(r.record.get("strategy")), *extras])
         r.label = " · ".join([f"{r.record.get('strategy')} x{r.record.get('world_size', 1)}", *extras])
     counts: dict[str, int] = {}
@@ -267,7 +244,7 @@ def _label_runs(runs: list[Run]) -> None:
 def _sort_key(run: Run) -> tuple:
     rec = run.record
     strategy = rec.get("strategy")
-    return (STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES), rec.get("world_size") or 1,
+    return (parallel.order(strategy), rec.get("world_size") or 1,
             str(rec.get("device")), str(rec.get("loader")), rec.get("workers") or 0, run.name)
 
 
@@ -301,8 +278,7 @@ def comparison_rows(runs: list[Run]) -> list[dict[str, Any]]:
         else:
             base = baseline_for(r, runs)
             if base is not None:
-                row["speedup"] = rec.get("samples_per_second", 0.0) / base.record["samples_per_second"]
-                row["efficiency"] = row["speedup"] / row["world_size"]
+                row.update(baseline.speedup(rec, base.record))
                 row["baseline"] = "itself" if base is r else base.name
         r.row = row
     return [r.row for r in runs]

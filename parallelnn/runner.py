@@ -1,7 +1,14 @@
-"""One run, as each rank executes it: build the workload, apply the strategy, train, write the record.
+"""One run, as each rank executes it, in four stages: set up -> train -> save weights -> record.
 
-The flow is the one in DESIGN.md: config -> (launch) -> workload.build -> strategy.apply -> Trainer.fit
--> record. Nothing here depends on which workload or strategy was chosen.
+* :func:`set_up`: the rank's context, the workload (with its defaults and ``--limit``), the strategy
+  and its layout, the engine and loaders, the FLOP count and the device peak;
+* :func:`train`: the recorder, progress, checkpointer and watchdog around ``Trainer.fit`` (resuming
+  first when asked);
+* :func:`save_weights`: the full weights, gathered from every rank, written by rank 0; then the
+  workload's evaluations of the saved model (gpt2's pass@k);
+* :func:`build_record`: ``record.json``, assembled from the typed pieces of the stages before.
+
+Nothing here depends on which workload or strategy was chosen. Spawning and joining ranks is below.
 """
 
 from __future__ import annotations
@@ -12,31 +19,59 @@ import datetime as _dt
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from parallelnn import launch, measure, parallel, workloads
-from parallelnn.config import RunConfig, config_to_argv
-from parallelnn.data.loaders import make_loader, steps_per_epoch
-from parallelnn.errors import UserError, warn
+from parallelnn import baseline, launch, measure, parallel, workloads
 from parallelnn.checkpoint import Checkpointer
+from parallelnn.config import RunConfig, config_to_argv, validate
+from parallelnn.data.loaders import DataLoaderLoader, MemoryLoader, make_loader, steps_per_epoch
+from parallelnn.errors import UserError, warn
+from parallelnn.parallel.engine import Engine
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
-from parallelnn.trainer import PROGRESS_FILE, Hooks, Trainer, final_eval
+from parallelnn.trainer import PROGRESS_FILE, Hooks, LoopState, Trainer, final_eval
 from parallelnn.watchdog import Watchdog
+from parallelnn.workloads import Workload
 
 EVAL_TIMING = ("runtime", "samples_per_second", "steps_per_second")
 TIMING_NOTE = ("train_seconds: the training loops only (slowest rank), after a device sync; excludes data "
                "download and preparation, model building, evaluation, checkpoint saving and process start-up")
 
 
-def with_defaults(cfg: RunConfig) -> RunConfig:
+def check(cfg: RunConfig, launching: bool = True) -> RunConfig:
+    """Every check of ``cfg`` that needs no workload: the fields, then the strategy and its layout."""
+    validate(cfg, launching)
+    parallel.resolve(cfg)
+    return cfg
+
+
+def with_defaults(cfg: RunConfig, workload: Workload) -> RunConfig:
     """A copy of ``cfg`` with the workload's defaults filled into the fields left None."""
-    defaults = workloads.load(cfg.workload).DEFAULTS
-    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    return dataclasses.replace(cfg, **{k: v for k, v in workload.defaults.items() if getattr(cfg, k) is None})
+
+
+def build_workload(cfg: RunConfig, device: torch.device, log: Callable[[str], None],
+                   announce: bool = True) -> tuple[RunConfig, Workload]:
+    """The workload ``cfg`` names, and ``cfg`` completed with its defaults; ``--limit`` applied (``announce``:
+    this process warns when it exceeds the data)."""
+    workload = workloads.load(cfg.workload).build(cfg, device, log=log)
+    cfg = with_defaults(cfg, workload)
+    if cfg.grad_accum > cfg.batch_size:  # the workload's default batch meets the user's --grad-accum
+        raise UserError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}")
+    if cfg.limit:
+        if cfg.limit > len(workload.train):
+            if announce:
+                    warn(f"--limit {cfg.limit} is more than the {len(workload.train)} training samples; using all of "
+                     "them")
+        else:
+            workload.train = workload.train.head(cfg.limit)
+    return cfg, workload
 
 
 def default_out(cfg: RunConfig) -> str:
@@ -50,26 +85,44 @@ def _peak(ctx: launch.Context) -> float:
         if ctx.local_rank == 0:
             measure.peak_flops(ctx.device)
         dist.barrier()
-    return measure.peak_flops(ctx.device)
+    return measure.peak_flops(ctx.device) * (ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes)
 
 
-def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None:
-    """Run ``cfg`` in this process (one rank of the job); return the record on rank 0."""
-    cfg = with_defaults(cfg)
-    ctx = launch.init(cfg, cfg.device)
-    try:
-        result = _execute(cfg, ctx, hooks)
-    except BaseException:
-        if not ctx.multi_rank:
-            launch.teardown()
-        # A failing rank leaves its peers mid-collective: tearing the group down now can crash or
-        # hang, which would hide this rank's own error. The process is about to end anyway.
-        raise
-    launch.teardown()
-    return result
+def _baseline(cfg: RunConfig, workload: Workload, device: torch.device) -> dict[str, Any] | None:
+    """The ``--baseline`` record, refused now (not after training) when it cannot be this run's."""
+    if not cfg.baseline:
+        return None
+    base = read_record(cfg.baseline)
+    known = {"workload": cfg.workload, "dataset": workload.dataset, "device": device.type,
+             "batch_size": cfg.batch_size, "epochs": cfg.epochs}
+    problem = baseline.mismatch(base, known)
+    if problem:
+        raise UserError(f"--baseline {cfg.baseline} cannot be this run's baseline: {problem}")
+    return base
 
 
-def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[str, Any] | None:
+@dataclass
+class Setup:
+    """Everything a rank has before its first step."""
+
+    cfg: RunConfig  # with the workload's defaults
+    ctx: launch.Context
+    out: Path
+    workload: Workload
+    strategy: parallel.Strategy
+    layout: parallel.Layout
+    engine: Engine
+    train_loader: MemoryLoader | DataLoaderLoader
+    test_loader: MemoryLoader | DataLoaderLoader
+    threads: int
+    flops_per_sample: float
+    peak_flops: float
+    baseline: dict[str, Any] | None
+    log: Callable[[str], None]
+
+
+def set_up(cfg: RunConfig, ctx: launch.Context) -> Setup:
+    """Stage 1: the workload, the strategy applied to its model, the loaders and what MFU needs."""
     if cfg.tensorboard:  # before any data or model work: a missing package is a one-line error
         from parallelnn import tboard
 
@@ -79,121 +132,185 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
         prepare_out_dir(out, cfg.overwrite)
     log = (lambda msg: print(msg, flush=True)) if ctx.is_main and not cfg.quiet else (lambda msg: None)
+    cfg, workload = build_workload(cfg, ctx.device, log, announce=ctx.is_main)
+    strategy, layout = parallel.resolve(cfg, ctx.world_size)
+    strategy.check(cfg, workload, layout)
+    base = _baseline(cfg, workload, ctx.device)
+    sample = workload.train.head(min(8, len(workload.train)))
+    flops = measure.flops_per_sample(workload.model, workload.loss, sample.prepare(sample.inputs), sample.targets)
+    total_steps = steps_per_epoch(len(workload.train), cfg.batch_size, layout.dp) * cfg.epochs
+    engine = strategy.apply(workload.model, workload, cfg, ctx, layout, total_steps)
+    train_loader, test_loader = (
+        make_loader(cfg.loader, split, cfg.batch_size, ctx.device, shuffle=shuffle, seed=cfg.seed,
+                    dp_rank=engine.dp_rank, dp_size=layout.dp, workers=cfg.workers)
+        for split, shuffle in ((workload.train, True), (workload.test, False)))
+    if len(train_loader) == 0:
+        raise UserError(f"no training batch: {len(workload.train)} samples cannot be split over "
+                        f"{layout.dp} data-parallel ranks")
+    if ctx.is_main:
+        log(f"{cfg.workload} on {workload.dataset}: {cfg.strategy} x{ctx.world_size} on {ctx.device.type}, "
+            f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
+    return Setup(cfg, ctx, out, workload, strategy, layout, engine, train_loader, test_loader, threads, flops,
+                 _peak(ctx), base, log)
 
-    workload = workloads.load(cfg.workload)
-    built = workload.build(cfg, ctx.device, log=log)
-    if cfg.limit:
-        if cfg.limit > len(built.train):
-            warn(f"--limit {cfg.limit} is more than the {len(built.train)} training samples; using all of them")
-        else:
-            built.train = built.train.head(cfg.limit)
-    strategy = parallel.load(cfg.strategy)
-    if hasattr(strategy, "check"):
-        strategy.check(cfg, built, ctx.world_size)
-    baseline = read_record(cfg.baseline) if cfg.baseline else None
-    if baseline is not None:  # a mismatch is found now, not after training
-        check_baseline(baseline, cfg.workload, built.dataset)
 
-    sample = built.train.head(min(8, len(built.train)))
-    flops = measure.flops_per_sample(built.model, built.loss_fn, sample.prepare(sample.inputs), sample.targets)
-    peak = _peak(ctx) * (ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes)
+@dataclass
+class Trained:
+    """What training left: the loop's final state, the trainer's own measurements, the recorder."""
 
-    # The engine comes first: it knows the data-parallel layout the loaders follow.
-    dp = strategy.dp_degree(cfg, ctx.world_size) if hasattr(strategy, "dp_degree") else 1
-    total_steps = steps_per_epoch(len(built.train), cfg.batch_size, dp) * cfg.epochs
-    engine = strategy.apply(built.model, built, cfg, ctx, total_steps)
-    loaders = [make_loader(cfg.loader, split, cfg.batch_size, ctx.device, shuffle=shuffle, seed=cfg.seed,
-                           dp_rank=engine.dp_rank, dp_size=engine.dp_size, workers=cfg.workers)
-               for split, shuffle in ((built.train, True), (built.test, False))]
-    if len(loaders[0]) == 0:
-        raise UserError(f"no training batch: {len(built.train)} samples cannot be split over "
-                        f"{engine.dp_size} data-parallel ranks")
+    state: LoopState
+    trainer: Trainer
+    recorder: Recorder
+    resumed_from: Path | None
+    started_at: float
 
+
+def train(setup: Setup, hooks: Hooks | None) -> Trained:
+    """Stage 2: resume when asked, then the training loop, under signal handling and hang detection."""
+    cfg, ctx, out = setup.cfg, setup.ctx, setup.out
     recorder = Recorder(out, enabled=ctx.is_main, append=bool(cfg.resume) or ctx.restart_count > 0)
     if cfg.tensorboard and ctx.is_main:
+        from parallelnn import tboard
+
         recorder.sinks.append(tboard.TensorBoardSink(out))
-    if ctx.is_main:
-        log(f"{cfg.workload} on {built.dataset}: {cfg.strategy} x{ctx.world_size} on {ctx.device.type}, "
-            f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
-    unit = "tokens" if built.tokens_per_sample else "samples"
-    progress = Progress(ctx.is_main and not cfg.quiet, len(loaders[0]) * cfg.epochs, cfg.epochs, unit=unit)
-    checkpointer = Checkpointer(cfg, ctx, engine, built, Path(cfg.checkpoint_dir or out / "checkpoints"))
+    unit = "tokens" if setup.workload.tokens_per_sample else "samples"
+    progress = Progress(ctx.is_main and not cfg.quiet, len(setup.train_loader) * cfg.epochs, cfg.epochs, unit=unit)
+    checkpointer = Checkpointer(cfg, ctx, setup.engine, setup.workload, Path(cfg.checkpoint_dir or out / "checkpoints"))
     if cfg.checkpoint_every:
         checkpointer.check_writable()
-    trainer = Trainer(engine, built, cfg, ctx, loaders[0], loaders[1], recorder, progress, hooks, checkpointer)
-    trainer.flops_per_sample, trainer.peak_flops = flops, peak
-    resumed_from = resume(cfg, ctx, checkpointer, trainer, recorder, log)
-    progress.done = trainer.state.global_step  # a resumed run's bar starts where it stands
-    if ctx.multi_rank and "MASTER_ADDR" in os.environ:
-        trainer.watchdog = Watchdog(ctx.rank, ctx.world_size, cfg.timeout, ctx.restart_count)
+    watchdog = (Watchdog(ctx.rank, ctx.world_size, cfg.timeout, ctx.restart_count)
+                if ctx.multi_rank and "MASTER_ADDR" in os.environ else None)
+    trainer = Trainer(setup.engine, setup.workload, cfg, ctx, setup.train_loader, setup.test_loader, recorder,
+                      progress, hooks=hooks, checkpointer=checkpointer, flops_per_sample=setup.flops_per_sample,
+                      peak_flops=setup.peak_flops, watchdog=watchdog)
     started = time.time()
     try:
+        resumed_from = resume(cfg, ctx, checkpointer, trainer, recorder, setup.log)
+        progress.done = trainer.state.global_step  # a resumed run's bar starts where it stands
         with stop_on_signals(trainer):
             state = trainer.fit()
     finally:
-        if trainer.watchdog is not None:
-            trainer.watchdog.close()
+        if watchdog is not None:
+            watchdog.close()
         progress.close()
-        for loader in loaders:
-            loader.close()
+        setup.train_loader.close()
+        setup.test_loader.close()
     if state.stop_requested:
         raise Stopped(state.stop_signal, state.global_step, trainer.last_checkpoint)
+    return Trained(state, trainer, recorder, resumed_from, started)
 
-    per_rank = launch.gather({"rank": ctx.rank, "host": os.uname().nodename,
-                        "step_seconds": trainer.step_seconds,
-                        "first_step_seconds": trainer.first_step_seconds,
-                        "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
-                        **(trainer.comm_probe.result if trainer.comm_probe else {}),
-                        **engine.describe.get("per_rank", {})}, ctx)
-    state_dict = engine.full_state_dict()  # collective: every rank takes part
-    if ctx.is_main:
-        if built.save is not None:
-            built.save(state_dict, str(out / "model"))
-        else:
-            save_weights(state_dict, out / "model.safetensors")
-    if not ctx.is_main:
-        recorder.close()
-        return None
 
-    samples_per_second = state.samples / state.train_seconds if state.train_seconds else 0.0
+def save_weights(setup: Setup) -> dict[str, Any]:
+    """Stage 3: the full weights gathered from every rank (a collective) and written by rank 0, then the
+    workload's evaluations of the saved model; returns what those add to the record."""
+    state_dict = setup.engine.full_state_dict()  # collective: every rank takes part
+    if not setup.ctx.is_main:
+        return {}
+    workload = setup.workload
+    if workload.save is not None:
+        saved = workload.save(state_dict, setup.out)
+    else:
+        saved = setup.out / "model.safetensors"
+        write_safetensors(state_dict, saved)
+    return workload.evaluate_saved(saved) if workload.evaluate_saved is not None else {}
+
+
+def per_rank_figures(setup: Setup, trained: Trained) -> list[dict[str, Any]]:
+    """Every rank's own measurements (a collective), in rank order."""
+    ctx, trainer = setup.ctx, trained.trainer
+    return launch.gather({"rank": ctx.rank, "host": os.uname().nodename, "step_seconds": trainer.step_seconds,
+                          "first_step_seconds": trainer.first_step_seconds,
+                          "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
+                          **(trainer.comm_probe.result if trainer.comm_probe else {}),
+                          **setup.engine.describe.get("per_rank", {})}, ctx)
+
+
+def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None:
+    """Run ``cfg`` in this process (one rank of the job); return the record on rank 0."""
+    ctx = launch.init(cfg, cfg.device, needs_group=parallel.get(cfg.strategy).needs_process_group)
+    try:
+        setup = set_up(cfg, ctx)
+        trained = train(setup, hooks)
+        per_rank = per_rank_figures(setup, trained)
+        evaluated = save_weights(setup)
+        record = build_record(setup, trained, per_rank, evaluated) if ctx.is_main else None
+        if record is not None:
+            trained.recorder.finish(record)
+        trained.recorder.close()
+    except BaseException:
+        if not ctx.multi_rank:
+            launch.teardown()
+        # A failing rank leaves its peers mid-collective: tearing the group down now can crash or
+        # hang, which would hide this rank's own error. The process is about to end anyway.
+        raise
+    launch.teardown()
+    return record
+
+
+# -- stage 4: the record ---------------------------------------------------------------------------------
+
+def _what_ran(setup: Setup) -> dict[str, Any]:
+    cfg, ctx, workload = setup.cfg, setup.ctx, setup.workload
+    return {"workload": cfg.workload, "dataset": workload.dataset, "strategy": cfg.strategy,
+            "device": ctx.device.type, "device_name": measure.device_label(ctx.device),
+            "world_size": ctx.world_size, "nnodes": ctx.nnodes, "nproc": ctx.local_world_size,
+            "mesh": setup.engine.describe.get("mesh"), "loader": cfg.loader, "workers": cfg.workers,
+            "threads": setup.threads, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "seed": cfg.seed, "precision": cfg.precision, "train_samples": len(workload.train),
+            "test_samples": len(workload.test)}
+
+
+def _results(state: LoopState) -> dict[str, Any]:
     evaluation = final_eval(state)
-    record: dict[str, Any] = {
-        "workload": cfg.workload, "dataset": built.dataset, "strategy": cfg.strategy,
-        "device": ctx.device.type, "device_name": measure.device_label(ctx.device),
-        "world_size": ctx.world_size, "nnodes": ctx.nnodes, "nproc": ctx.local_world_size,
-        "mesh": engine.describe.get("mesh"), "loader": cfg.loader, "workers": cfg.workers, "threads": threads,
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-        "precision": cfg.precision, "train_samples": len(built.train), "test_samples": len(built.test),
-        "steps": state.global_step, "samples": state.samples,
-        "train_seconds": state.train_seconds, "samples_per_second": samples_per_second,
-        "test_accuracy": evaluation.get("test_accuracy"), "test_loss": evaluation.get("test_loss"),
-        "final_train_loss": state.loss_curve[-1] if state.loss_curve else None,
-        "loss_curve": state.loss_curve, "eval_curve": state.eval_curve,
-        "flops_per_sample": flops, "peak_flops": peak, "mfu": measure.mfu(flops, samples_per_second, peak),
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
-        "first_step_seconds": trainer.first_step_seconds, "startup_seconds": trainer.startup_seconds,
-        "timing": TIMING_NOTE, "strategy_detail": {k: v for k, v in engine.describe.items() if k != "per_rank"},
-        "per_rank": per_rank, "restarts": ctx.restart_count, "resumes": state.resumes,
-        "lost_steps": state.lost_steps, "resumed_from": str(resumed_from) if resumed_from else None,
-        "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
-        "hardware": hardware(ctx.device), "versions": versions(),
-        "command": cfg.command or "parallelnn run " + " ".join(config_to_argv(cfg)),
-        "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(out),
-        **built.extra.get("record", {}),
-    }
+    results = {"steps": state.global_step, "samples": state.samples, "train_seconds": state.train_seconds,
+               "samples_per_second": state.samples / state.train_seconds if state.train_seconds else 0.0,
+               "test_accuracy": evaluation.get("test_accuracy"), "test_loss": evaluation.get("test_loss"),
+               "final_train_loss": state.loss_curve[-1] if state.loss_curve else None,
+               "loss_curve": state.loss_curve, "eval_curve": state.eval_curve}
     # Whatever else the workload's summary measured (e.g. perplexity) goes in too.
-    record.update({k: v for k, v in evaluation.items() if k not in record and k not in EVAL_TIMING and k not in
-                   ("epoch", "global_step")})
-    if built.tokens_per_sample:
-        record["tokens_per_sample"] = built.tokens_per_sample
-        record["tokens_seen"] = state.samples * built.tokens_per_sample
-        record["tokens_per_second"] = samples_per_second * built.tokens_per_sample
-    if record.get("test_loss") is not None:
-        record["eval_loss"] = record["test_loss"]
-    if baseline is not None:
-        record.update(compare_to_baseline(record, baseline))
-    recorder.finish(record)
-    recorder.close()
+    results.update({k: v for k, v in evaluation.items()
+                    if k not in results and k not in EVAL_TIMING and k not in ("epoch", "global_step")})
+    if results["test_loss"] is not None:
+        results["eval_loss"] = results["test_loss"]
+    return results
+
+
+def _measurements(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]], rate: float) -> dict[str, Any]:
+    trainer, engine, state = trained.trainer, setup.engine, trained.state
+    return {"flops_per_sample": setup.flops_per_sample, "peak_flops": setup.peak_flops,
+            "mfu": measure.mfu(setup.flops_per_sample, rate, setup.peak_flops),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+            "first_step_seconds": trainer.first_step_seconds, "startup_seconds": trainer.startup_seconds,
+            "timing": TIMING_NOTE, "strategy_detail": {k: v for k, v in engine.describe.items() if k != "per_rank"},
+            "per_rank": per_rank, "restarts": setup.ctx.restart_count, "resumes": state.resumes,
+            "lost_steps": state.lost_steps,
+            "resumed_from": str(trained.resumed_from) if trained.resumed_from else None,
+            "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None}
+
+
+def _provenance(setup: Setup, started: float) -> dict[str, Any]:
+    cfg = setup.cfg
+    return {"hardware": hardware(setup.ctx.device), "versions": versions(),
+            "command": cfg.command or "parallelnn run " + " ".join(config_to_argv(cfg)),
+            "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(setup.out)}
+
+
+def build_record(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]],
+                 evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Stage 4 (rank 0): record.json from what ran, its results, its measurements and its provenance."""
+    results = _results(trained.state)
+    rate = results["samples_per_second"]
+    record = {**_what_ran(setup), **results, **_measurements(setup, trained, per_rank, rate),
+              **_provenance(setup, trained.started_at), **setup.workload.facts, **evaluated}
+    tokens = setup.workload.tokens_per_sample
+    if tokens:
+        record.update(tokens_per_sample=tokens, tokens_seen=trained.state.samples * tokens,
+                      tokens_per_second=rate * tokens)
+    if setup.baseline is not None:
+        base = setup.baseline
+        record["baseline"] = {"out": base.get("out"), "strategy": base.get("strategy"),
+                              "world_size": base.get("world_size"), "samples_per_second": base["samples_per_second"]}
+        record.update(baseline.speedup(record, base))
     return record
 
 
@@ -265,7 +382,7 @@ def resume(cfg: RunConfig, ctx: launch.Context, checkpointer: Checkpointer, trai
     return path
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+def write_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Final weights as safetensors (cloned: tied weights must not share storage), atomically."""
     from safetensors.torch import save_file
 
@@ -273,22 +390,6 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous().clone() for k, v in state_dict.items()}, str(tmp))
     os.replace(tmp, path)
-
-
-def check_baseline(base: dict[str, Any], workload: str, dataset: str) -> None:
-    if base.get("workload") != workload or base.get("dataset") != dataset:
-        raise UserError(f"--baseline is a {base.get('workload')} run on {base.get('dataset')}, "
-                        f"not {workload} on {dataset}")
-    if not base.get("samples_per_second"):
-        raise UserError("--baseline record has no throughput")
-
-
-def compare_to_baseline(record: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Speedup (throughput ratio) and efficiency (speedup per process) against a single-process record."""
-    speedup = record["samples_per_second"] / base["samples_per_second"]
-    return {"baseline": {"out": base.get("out"), "strategy": base.get("strategy"),
-                         "world_size": base.get("world_size"), "samples_per_second": base["samples_per_second"]},
-            "speedup": speedup, "efficiency": speedup / max(record["world_size"], 1)}
 
 
 def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
@@ -323,22 +424,21 @@ def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
 
 def preflight(cfg: RunConfig) -> RunConfig:
     """Before any process is spawned: every check that needs the data and model but no process group."""
-    cfg = with_defaults(cfg)
     if cfg.tensorboard:
         from parallelnn import tboard
 
         tboard.require()
     device = launch.resolve_device(cfg.device)
-    if cfg.strategy != "single":
+    strategy, layout = parallel.resolve(cfg)
+    if strategy.needs_process_group:
         launch.check_backend(cfg.backend, device)
     cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
     if not cfg.resume:
         prepare_out_dir(cfg.out, cfg.overwrite)
     quiet = lambda msg: None  # noqa: E731 - the ranks will say it all again
-    built = workloads.load(cfg.workload).build(cfg, torch.device("cpu"), log=quiet)
-    strategy = parallel.load(cfg.strategy)
-    if hasattr(strategy, "check"):
-        strategy.check(cfg, built, cfg.world_size)
+    cfg, workload = build_workload(cfg, torch.device("cpu"), quiet, announce=False)
+    strategy.check(cfg, workload, layout)
+    _baseline(cfg, workload, device)
     measure.peak_flops(device)  # probe now, once, rather than in competing ranks
     return cfg
 
@@ -349,9 +449,7 @@ def run_command(cfg: RunConfig) -> int:
     if job is not None:  # one rank of a job torchrun or srun started
         cfg = dataclasses.replace(cfg, nproc=job["local_world_size"],
                                   nnodes=max(1, job["world_size"] // job["local_world_size"]))
-        from parallelnn.config import validate
-
-        validate(cfg, launching=False)
+        check(cfg, launching=False)
         record = execute_rank(cfg)
         if os.environ.get(launch.SPAWNED_ENV):
             return 0  # the parent that spawned this rank prints the summary

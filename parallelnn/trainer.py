@@ -149,9 +149,12 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, engine, built, cfg, ctx: Context, train_loader, test_loader, recorder: Recorder,
-                 progress: Progress, hooks: Hooks | None = None, checkpointer=None):
-        self.engine, self.built, self.cfg, self.ctx = engine, built, cfg, ctx
+    def __init__(self, engine, workload, cfg, ctx: Context, train_loader, test_loader, recorder: Recorder,
+                 progress: Progress, *, hooks: Hooks | None = None, checkpointer=None, flops_per_sample: float = 0.0,
+                 peak_flops: float = 0.0, watchdog=None):
+        """``flops_per_sample`` and ``peak_flops`` give step events their MFU; ``watchdog`` (multi-rank jobs)
+        is told where this rank is, for hang detection."""
+        self.engine, self.workload, self.cfg, self.ctx = engine, workload, cfg, ctx
         self.train_loader, self.test_loader = train_loader, test_loader
         self.recorder, self.progress = recorder, progress
         self.checkpointer = checkpointer
@@ -164,11 +167,10 @@ class Trainer:
                 self.hooks.after_step.append(fault)
         self.state = LoopState()
         self.stop = StopFlag(ctx)
-        self.eval_keys = tuple(built.extra.get("eval_keys", ("loss_sum", "correct", "count")))
-        self.tokens_per_sample = built.tokens_per_sample
+        self.metrics = workload.metrics
+        self.tokens_per_sample = workload.tokens_per_sample
         self.pending: list[StepLog] = []
-        self.flops_per_sample = 0.0  # set by the runner, for the MFU of step events
-        self.peak_flops = 0.0
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self._interval_start: tuple[float, int] = (0.0, 0)
         self._paused = 0.0  # seconds of the current epoch spent outside training (eval, checkpoints)
         self._progress_fd: int | None = None
@@ -179,7 +181,7 @@ class Trainer:
         self.step_seconds: list[float] = []
         self.last_loss: float | None = None
         self.last_checkpoint = None
-        self.watchdog = None  # set by the runner in multi-rank jobs: where this rank is, for hang detection
+        self.watchdog = watchdog
 
     def _at(self, phase: int) -> None:
         if self.watchdog is not None:
@@ -241,22 +243,22 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        engine, built = self.engine, self.built
+        engine, keys = self.engine, self.metrics.keys
         engine.train(False)
         t0 = now(self.ctx.device)
-        sums = torch.zeros(len(self.eval_keys), dtype=torch.float64, device=self.ctx.device)
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.ctx.device)
         steps = samples = 0
         for x, y, n in self.test_loader:
             out = engine.eval_step(x, y)
             steps += 1
             samples += n
             if out is not None and engine.counts_outputs:
-                batch = built.eval_sums(out, y)
-                sums += torch.stack([batch[k].to(torch.float64) for k in self.eval_keys])
+                batch = self.metrics.sums(out, y)
+                sums += torch.stack([batch[k].to(torch.float64) for k in keys])
         all_reduce_sum(sums, self.ctx)
         runtime = now(self.ctx.device) - t0
         engine.train(True)
-        metrics = built.summarize(dict(zip(self.eval_keys, sums.tolist())))
+        metrics = self.metrics.summarize(dict(zip(keys, sums.tolist())))
         metrics.update({"runtime": runtime, "samples_per_second": samples / runtime if runtime else 0.0,
                         "steps_per_second": steps / runtime if runtime else 0.0})
         return metrics

@@ -3,20 +3,21 @@ global batch; gradients are all-reduced (averaged) during backward, bucketed and
 
 from __future__ import annotations
 
-from torch.nn.parallel import DistributedDataParallel
-
 from parallelnn.launch import make_mesh
+from parallelnn.parallel import Layout, Strategy, data_parallel
 from parallelnn.parallel.engine import Engine
 
 
-def dp_degree(cfg, world_size: int) -> int:
-    return world_size
+def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine:
+    from torch.nn.parallel import DistributedDataParallel
 
-
-def apply(model, built, cfg, ctx, total_steps: int) -> Engine:
-    mesh = make_mesh((ctx.world_size,), ("dp",), ctx.device)
+    mesh = make_mesh((layout.dp,), ("dp",), ctx.device)
     model = model.to(ctx.device)
     wrapped = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                       process_group=mesh.get_group("dp"))
-    return Engine(wrapped, built, cfg, ctx.device, total_steps, dp_rank=ctx.rank, dp_size=ctx.world_size,
-                  no_sync=wrapped.no_sync, describe={"mesh": {"dp": ctx.world_size}})
+    return Engine(wrapped, workload, cfg, ctx.device, total_steps, dp_rank=mesh.get_local_rank(), dp_size=layout.dp,
+                  no_sync=wrapped.no_sync, describe={"mesh": layout.mesh()})
+
+
+STRATEGY = Strategy(name="ddp", summary="DistributedDataParallel: whole model per rank, gradients all-reduced",
+                    layout=data_parallel, apply=apply, order=10)

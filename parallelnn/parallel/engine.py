@@ -69,18 +69,18 @@ def contiguous_layout(model: nn.Module) -> nn.Module:
 class Engine:
     """Forward, backward and optimizer step of a model that runs whole on this rank (possibly wrapped)."""
 
-    def __init__(self, module: nn.Module, built, cfg, device: torch.device, total_steps: int, *,
+    def __init__(self, module: nn.Module, workload, cfg, device: torch.device, total_steps: int, *,
                  dp_rank: int = 0, dp_size: int = 1, counts_outputs: bool = True,
                  no_sync: Callable[[], Any] | None = None, norm_group=None, describe: dict | None = None):
         self.module = module
-        self.loss_fn = built.loss_fn
+        self.loss_fn = workload.loss
         self.device = device
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.counts_outputs = counts_outputs
-        self.optimizer, self.scheduler = built.make_optimizer(module.parameters(), total_steps)
+        self.optimizer, self.scheduler = workload.optimizer(module.parameters(), cfg.lr, total_steps)
         self.grad_accum = cfg.grad_accum
         self.max_grad_norm = cfg.max_grad_norm or 0.0
-        self.track_grad_norm = bool(built.extra.get("track_grad_norm")) or self.max_grad_norm > 0
+        self.track_grad_norm = workload.track_grad_norm or self.max_grad_norm > 0
         self.autocast_dtype = AUTOCAST.get(cfg.precision)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self._no_sync = no_sync or contextlib.nullcontext

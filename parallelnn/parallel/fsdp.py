@@ -11,26 +11,24 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.distributed.fsdp import fully_shard
 
 from parallelnn.launch import make_mesh
+from parallelnn.parallel import Layout, Strategy, data_parallel
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
 
-def dp_degree(cfg, world_size: int) -> int:
-    return world_size
-
-
-def blocks_of(model, built) -> list[torch.nn.Module]:
-    if built.blocks is not None:
-        return list(built.blocks(model))
-    if built.layers is not None:
-        return [m for m in built.layers(model) if any(True for _ in m.parameters())]
+def blocks_of(model, workload) -> list[torch.nn.Module]:
+    if workload.blocks is not None:
+        return list(workload.blocks(model))
+    if workload.layers is not None:
+        return [m for m in workload.layers(model) if any(True for _ in m.parameters())]
     return []
 
 
-def shard(model, built, mesh, reshard_after_forward: bool):
-    for block in blocks_of(model, built):
+def shard(model, workload, mesh, reshard_after_forward: bool):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks_of(model, workload):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
@@ -49,11 +47,14 @@ def no_sync_of(module):
     return no_sync
 
 
-def apply(model, built, cfg, ctx, total_steps: int) -> Engine:
-    mesh = make_mesh((ctx.world_size,), ("dp",), ctx.device)
-    model = shard(contiguous_layout(model).to(ctx.device), built, mesh, cfg.reshard_after_forward)
-    return Engine(model, built, cfg, ctx.device, total_steps, dp_rank=ctx.rank, dp_size=ctx.world_size,
-                      no_sync=no_sync_of(model),
-                      describe={"mesh": {"dp": ctx.world_size},
-                                "reshard_after_forward": cfg.reshard_after_forward,
-                                "sharded_blocks": len(blocks_of(model, built))})
+def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine:
+    mesh = make_mesh((layout.dp,), ("dp",), ctx.device)
+    model = shard(contiguous_layout(model).to(ctx.device), workload, mesh, cfg.reshard_after_forward)
+    return Engine(model, workload, cfg, ctx.device, total_steps, dp_rank=mesh.get_local_rank(), dp_size=layout.dp,
+                  no_sync=no_sync_of(model),
+                  describe={"mesh": layout.mesh(), "reshard_after_forward": cfg.reshard_after_forward,
+                            "sharded_blocks": len(blocks_of(model, workload))})
+
+
+STRATEGY = Strategy(name="fsdp", summary="FSDP2 fully_shard (ZeRO-3): parameters, gradients, optimizer sharded",
+                    layout=data_parallel, apply=apply, options=("reshard_after_forward",), order=20)

@@ -9,37 +9,43 @@
 
 from __future__ import annotations
 
-from parallelnn.config import parse_mesh
+from parallelnn.errors import UserError
 from parallelnn.launch import make_mesh
-from parallelnn.parallel import fsdp, pipeline, tensor
+from parallelnn.parallel import Layout, Strategy, fsdp, parse_mesh, pipeline, tensor
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
 
-def dp_degree(cfg, world_size: int) -> int:
-    return parse_mesh(cfg.mesh)[0]
-
-
-def check(cfg, built, world_size: int) -> None:
+def layout(cfg, world_size: int) -> Layout:
+    if not cfg.mesh:
+        raise UserError("--strategy hybrid needs --mesh DPxTP (or DPxPP with --hybrid pipeline), e.g. 2x2")
     dp, other = parse_mesh(cfg.mesh)
-    if cfg.hybrid == "pipeline":
-        pipeline.check(cfg, built, world_size, pp=other, dp=dp)
-    else:
-        tensor.check(cfg, built, world_size, tp=other)
+    if dp * other != world_size:
+        raise UserError(f"--mesh {cfg.mesh} has {dp * other} ranks but the job has {world_size} "
+                        f"(--nproc {cfg.nproc} x --nnodes {cfg.nnodes})")
+    return Layout(dp=dp, pp=other) if cfg.hybrid == "pipeline" else Layout(dp=dp, tp=other)
 
 
-def apply(model, built, cfg, ctx, total_steps: int) -> Engine:
-    dp, other = parse_mesh(cfg.mesh)
-    second = "pp" if cfg.hybrid == "pipeline" else "tp"
-    mesh = make_mesh((dp, other), ("dp", second), ctx.device)
+def check(cfg, workload, layout: Layout) -> None:
+    (pipeline.check if layout.pp > 1 else tensor.check)(cfg, workload, layout)
+
+
+def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine:
+    if layout.pp > 1:
+        def wrap(stage, mesh):  # each stage module sharded over its row of the mesh's "dp" dimension
+            return fsdp.shard(contiguous_layout(stage), workload, mesh["dp"], cfg.reshard_after_forward)
+
+        return pipeline.apply(model, workload, cfg, ctx, layout, total_steps, wrap=wrap)
+    mesh = make_mesh((layout.dp, layout.tp), ("dp", "tp"), ctx.device)
     dp_mesh = mesh["dp"]
-    if cfg.hybrid == "pipeline":
-        def wrap(stage):
-            return fsdp.shard(contiguous_layout(stage), built, dp_mesh, cfg.reshard_after_forward)
-
-        return pipeline.apply(model, built, cfg, ctx, total_steps, mesh=mesh, wrap=wrap)
     model = contiguous_layout(model).to(ctx.device)
-    layout = tensor.parallelize(model, built, mesh["tp"])
-    model = fsdp.shard(model, built, dp_mesh, cfg.reshard_after_forward)
-    return Engine(model, built, cfg, ctx.device, total_steps, dp_rank=dp_mesh.get_local_rank(),
-                           dp_size=dp, counts_outputs=mesh["tp"].get_local_rank() == 0,
-                           no_sync=fsdp.no_sync_of(model), describe={"mesh": {"dp": dp, "tp": other}, **layout})
+    described = tensor.plan_of(workload).apply(model, mesh["tp"])
+    model = fsdp.shard(model, workload, dp_mesh, cfg.reshard_after_forward)
+    return Engine(model, workload, cfg, ctx.device, total_steps, dp_rank=dp_mesh.get_local_rank(),
+                  dp_size=layout.dp, counts_outputs=mesh["tp"].get_local_rank() == 0,
+                  no_sync=fsdp.no_sync_of(model), describe={"mesh": layout.mesh(), **described})
+
+
+STRATEGY = Strategy(name="hybrid", summary="a 2-D mesh: tensor (or pipeline) parallel inside, FSDP across",
+                    layout=layout, apply=apply, check=check, min_nproc=2,
+                    options=("mesh", "hybrid", "reshard_after_forward", "schedule", "microbatches", "split"),
+                    order=50, bench_args=lambda n: ["--mesh", f"{n // 2}x2"] if n >= 4 and n % 2 == 0 else None)

@@ -12,13 +12,15 @@ divide into the microbatches, it uses the largest divisor below --microbatches. 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from parallelnn.config import parse_split
 from parallelnn.errors import UserError
 from parallelnn.launch import make_mesh
+from parallelnn.parallel import Layout, Strategy, parse_split
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
 VIRTUAL = {"interleaved-1f1b": 2}  # stages per rank
@@ -30,6 +32,8 @@ def _has_params(module: nn.Module) -> bool:
 
 def layer_costs(layers: list[nn.Module], x: torch.Tensor) -> list[float]:
     """Forward FLOPs of each layer on a sample batch (parameter-free layers cost ~0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     costs = []
     with torch.no_grad():
         for layer in layers:
@@ -68,8 +72,8 @@ def balanced_split(costs: list[float], has_params: list[bool], n_stages: int) ->
     return sorted(points)[1:]
 
 
-def stage_bounds(cfg, built, n_stages: int, sample: torch.Tensor) -> list[tuple[int, int]]:
-    layers = built.layers(built.model)
+def stage_bounds(cfg, workload, n_stages: int) -> list[tuple[int, int]]:
+    layers = workload.layers(workload.model)
     parameterised = [_has_params(m) for m in layers]
     if n_stages > sum(parameterised):
         raise UserError(f"{n_stages} pipeline stages but the {cfg.workload} model has only {sum(parameterised)} "
@@ -80,7 +84,8 @@ def stage_bounds(cfg, built, n_stages: int, sample: torch.Tensor) -> list[tuple[
             raise UserError(f"--split {cfg.split}: {n_stages} stages need {n_stages - 1} increasing start indices "
                             f"below {len(layers)} (the model's layer count)")
     else:
-        points = balanced_split(layer_costs(layers, sample), parameterised, n_stages)
+        sample = workload.train.head(2)
+        points = balanced_split(layer_costs(layers, sample.prepare(sample.inputs)), parameterised, n_stages)
     bounds = list(zip([0, *points], [*points, len(layers)]))
     for a, b in bounds:
         if not any(parameterised[a:b]):
@@ -102,35 +107,37 @@ def microbatches(cfg, per_rank_batch: int, n_stages: int) -> int:
     return m
 
 
-def check(cfg, built, world_size: int, pp: int | None = None, dp: int = 1) -> None:
+def check(cfg, workload, layout: Layout) -> None:
     """Before spawning: the layers split into the stages and the batch into the microbatches."""
-    pp = pp or world_size
-    if built.layers is None:
+    if workload.layers is None:
         raise UserError(f"the {cfg.workload} model cannot be split into pipeline stages")
     if cfg.grad_accum > 1:
         raise UserError("--grad-accum does not combine with pipeline stages; use --microbatches")
-    n_stages = pp * VIRTUAL.get(cfg.schedule, 1)
-    sample = built.train.head(2)
-    stage_bounds(cfg, built, n_stages, sample.prepare(sample.inputs))
-    microbatches(cfg, cfg.batch_size // dp, n_stages)
+    n_stages = layout.pp * VIRTUAL.get(cfg.schedule, 1)
+    stage_bounds(cfg, workload, n_stages)
+    microbatches(cfg, cfg.batch_size // layout.dp, n_stages)
 
 
 class PipelineEngine(Engine):
     """Runs a pipeline schedule per batch; only the last stage sees outputs and losses."""
 
-    def __init__(self, stage_modules, stage_ids, n_stages, built, cfg, ctx, total_steps, *, pp_group,
-                 dp_rank=0, dp_size=1, describe=None, n_microbatches=1):
-        super().__init__(nn.ModuleList(stage_modules), built, cfg, ctx.device, total_steps, dp_rank=dp_rank,
+    def __init__(self, stages: Stages, workload, cfg, ctx, total_steps, *, pp_group, dp_rank=0, dp_size=1,
+                 describe=None, n_microbatches=1, tied: Tied | None = None):
+        stage_ids, n_stages = stages.ids, stages.count
+        super().__init__(nn.ModuleList(stages.modules), workload, cfg, ctx.device, total_steps, dp_rank=dp_rank,
                          dp_size=dp_size, counts_outputs=n_stages - 1 in stage_ids, norm_group=pp_group,
                          describe=describe)
-        self.stage_modules, self.stage_ids, self.n_stages = stage_modules, stage_ids, n_stages
+        self.stage_modules, self.stage_ids, self.n_stages = stages.modules, stage_ids, n_stages
+        self.original_names = stages.original_names
         self.pp_group, self.schedule_name = pp_group, cfg.schedule
         self.n_microbatches = n_microbatches
         self.is_first, self.is_last = 0 in stage_ids, n_stages - 1 in stage_ids
         self._schedules: dict[int, object] = {}
         self._scale = 1.0
-        self.tied: list[torch.nn.Parameter] = []  # weights shared by the first and last stage (e.g. GPT-2's)
-        self.tied_group = None
+        # Weights shared by the first and last stage (e.g. GPT-2's embedding and head), and the group of
+        # the two ranks holding them.
+        self.tied: list[torch.nn.Parameter] = tied.params if tied else []
+        self.tied_group = tied.group if tied else None
 
     def _sync_gradients(self) -> None:
         """Tied weights live twice, on the first and last stage: both take the sum of both gradients,
@@ -241,7 +248,26 @@ class PipelineEngine(Engine):
         return out if self.is_last else None
 
 
-def build_stages(model, model_layers, bounds, stage_ids, device):
+@dataclass
+class Stages:
+    """This rank's stage modules, their indices among ``count`` stages, and for each a map from its
+    state-dict keys to the original model's."""
+
+    modules: list[nn.Module]
+    ids: list[int]
+    count: int
+    original_names: list[dict[str, str]]
+
+
+@dataclass
+class Tied:
+    """The parameters this rank holds that another stage holds too, and the group that keeps them equal."""
+
+    params: list[torch.nn.Parameter]
+    group: Any
+
+
+def build_stages(model, model_layers, bounds, stage_ids, device) -> Stages:
     """Stage modules over the model's own layer objects, and for each a map from its state-dict keys
     to the original model's (found by tensor identity, so workload-made wrapper layers work too)."""
     original = {id(t): k for k, t in reversed(list(model.state_dict(keep_vars=True).items()))}
@@ -250,39 +276,30 @@ def build_stages(model, model_layers, bounds, stage_ids, device):
         stage = nn.Sequential(*model_layers[a:b])
         names.append({k: original.get(id(t), k) for k, t in stage.state_dict(keep_vars=True).items()})
         stages.append(contiguous_layout(stage).to(device))
-    return stages, names
+    return Stages(stages, stage_ids, len(bounds), names)
 
 
-def apply(model, built, cfg, ctx, total_steps: int, *, mesh=None, wrap=None) -> Engine:
-    """Pure pipeline over all ranks, or (from hybrid) over the mesh's "pp" dimension with ``wrap``
-    applied to each stage module (data parallelism over "dp")."""
-    if mesh is None:
-        mesh = make_mesh((ctx.world_size,), ("pp",), ctx.device)
-    pp = mesh["pp"].size() if mesh.ndim > 1 else mesh.size()
-    pp_rank = mesh["pp"].get_local_rank() if mesh.ndim > 1 else mesh.get_local_rank()
-    dp_size = mesh["dp"].size() if mesh.ndim > 1 else 1
-    dp_rank = mesh["dp"].get_local_rank() if mesh.ndim > 1 else 0
+def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int, *, wrap=None) -> Engine:
+    """Pipeline stages over the "pp" dimension of the layout's mesh; with ``dp > 1`` (hybrid), ``wrap``
+    is applied to each stage module with the mesh (data parallelism over "dp")."""
+    mesh = make_mesh((layout.dp, layout.pp), ("dp", "pp"), ctx.device)
+    pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
     virtual = VIRTUAL.get(cfg.schedule, 1)
-    n_stages = pp * virtual
-    sample = built.train.head(2)
-    bounds = stage_bounds(cfg, built, n_stages, sample.prepare(sample.inputs))
-    stage_ids = [pp_rank + v * pp for v in range(virtual)]
-    layers = built.layers(model)
-    tied = tied_names(model, layers, bounds)  # before wrapping replaces the parameters
-    modules, names = build_stages(model, layers, bounds, stage_ids, ctx.device)
+    bounds = stage_bounds(cfg, workload, layout.pp * virtual)
+    layers = workload.layers(model)
+    tied_keys = tied_names(model, layers, bounds)  # before wrapping replaces the parameters
+    stages = build_stages(model, layers, bounds, [pp_rank + v * layout.pp for v in range(virtual)], ctx.device)
     if wrap is not None:
-        modules = [wrap(m) for m in modules]
-    m = microbatches(cfg, cfg.batch_size // dp_size, n_stages)
-    describe = {"mesh": {"dp": dp_size, "pp": pp} if dp_size > 1 else {"pp": pp}, "schedule": cfg.schedule,
-                "microbatches": m, "stages": [list(range(a, b)) for a, b in bounds],
-                "per_rank": {"stages": stage_ids}}
-    engine = PipelineEngine(modules, stage_ids, n_stages, built, cfg, ctx, total_steps,
-                            pp_group=mesh.get_group("pp"), dp_rank=dp_rank, dp_size=dp_size,
-                            describe=describe, n_microbatches=m)
-    engine.original_names = names
-    if tied:
-        tie_first_and_last(engine, tied, mesh, describe)
-    return engine
+        stages.modules = [wrap(m, mesh) for m in stages.modules]
+    m = microbatches(cfg, cfg.batch_size // layout.dp, stages.count)
+    describe = {"mesh": layout.mesh(), "schedule": cfg.schedule, "microbatches": m,
+                "stages": [list(range(a, b)) for a, b in bounds], "per_rank": {"stages": stages.ids}}
+    tied = None
+    if tied_keys:
+        tied = tie_first_and_last(stages, tied_keys, mesh)
+        describe["tied_weights"] = sorted(tied_keys)
+    return PipelineEngine(stages, workload, cfg, ctx, total_steps, pp_group=mesh.get_group("pp"), dp_rank=dp_rank,
+                          dp_size=layout.dp, describe=describe, n_microbatches=m, tied=tied)
 
 
 def tied_names(model, layers, bounds) -> set[str]:
@@ -292,21 +309,29 @@ def tied_names(model, layers, bounds) -> set[str]:
     return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in shared}
 
 
-def tie_first_and_last(engine, names: set[str], mesh, describe) -> None:
-    """Give the holders of tied weights a group in which to sum their gradients."""
+def tie_first_and_last(stages: Stages, names: set[str], mesh) -> Tied:
+    """The tied weights this rank holds, and a group (first and last stage) in which to sum their gradients."""
     import torch.distributed as dist
 
-    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1])  # rows: one pipeline (dp index), columns: pp rank
-    for row in ranks.tolist():  # every rank creates every group, in the same order
-        group = dist.new_group([row[0], row[-1]])
+    group = None
+    for row in mesh.mesh.tolist():  # rows: one pipeline (dp index), columns: pp rank; every rank creates
+        made = dist.new_group([row[0], row[-1]])  # every group, in the same order
         if dist.get_rank() in (row[0], row[-1]):
-            engine.tied_group = group
-    if engine.is_first or engine.is_last:
-        for module, mapping in zip(engine.stage_modules, engine.original_names):
+            group = made
+    params: list[torch.nn.Parameter] = []
+    if 0 in stages.ids or stages.count - 1 in stages.ids:
+        for module, mapping in zip(stages.modules, stages.original_names):
             # named_parameters: the very tensors the optimizer steps (FSDP's state_dict hooks hand out
             # other, unsharded views)
             local = dict(module.named_parameters())
-            engine.tied += [local[k] for k, orig in mapping.items() if orig in names and k in local]
-        engine.tied = list({id(p): p for p in engine.tied}.values())
-    describe["tied_weights"] = sorted(names)
+            params += [local[k] for k, orig in mapping.items() if orig in names and k in local]
+    return Tied(list({id(p): p for p in params}.values()), group)
 
+
+def _pipeline_layout(cfg, world_size: int) -> Layout:
+    return Layout(pp=world_size)
+
+
+STRATEGY = Strategy(name="pipeline", summary="torch.distributed.pipelining: consecutive layers as stages",
+                    layout=_pipeline_layout, apply=apply, check=check, min_nproc=2,
+                    options=("schedule", "microbatches", "split"), order=30)

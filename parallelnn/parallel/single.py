@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from parallelnn.parallel import Layout, Strategy
 from parallelnn.parallel.engine import Engine
 
 
-def apply(model, built, cfg, ctx, total_steps: int) -> Engine:
-    return Engine(model.to(ctx.device), built, cfg, ctx.device, total_steps)
+def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine:
+    return Engine(model.to(ctx.device), workload, cfg, ctx.device, total_steps)
+
+
+STRATEGY = Strategy(name="single", summary="the whole model in one process (the reference)",
+                    layout=lambda cfg, world_size: Layout(), apply=apply, max_nproc=1, order=0)

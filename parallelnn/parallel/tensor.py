@@ -1,23 +1,27 @@
 """tensor: DTensor tensor parallelism (``parallelize_module``) over all ranks.
 
-Generic plan for sequential models: consecutive Linear layers separated only by parameter-free
-layers (ReLU, dropout …) form Megatron-style pairs — the first ``ColwiseParallel`` (output
-features split over ranks), the second ``RowwiseParallel`` (input features split, outputs summed
-with one all-reduce). Every other layer (convolutions, an unpaired last Linear) stays replicated:
-each rank computes it whole, on the same input, so its gradients agree without communication.
-The record lists both. A workload may supply its own plan (``Built.tensor_plan``).
+Generic plan for sequential models (:class:`SequentialPlan`): consecutive Linear layers separated
+only by parameter-free layers (ReLU, dropout …) form Megatron-style pairs — the first
+``ColwiseParallel`` (output features split over ranks), the second ``RowwiseParallel`` (input
+features split, outputs summed with one all-reduce). Every other layer (convolutions, an unpaired
+last Linear) stays replicated: each rank computes it whole, on the same input, so its gradients agree
+without communication. The record lists both. A workload may supply its own plan
+(``Workload.tensor_plan``, a :class:`~parallelnn.workloads.TensorPlan`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from parallelnn.errors import UserError
 from parallelnn.launch import make_mesh
+from parallelnn.parallel import Layout, Strategy
 from parallelnn.parallel.engine import Engine
 
 
-def sequential_plan(model: nn.Module) -> tuple[dict[str, str], list[str]]:
+def sequential_pairs(model: nn.Module) -> tuple[dict[str, str], list[str]]:
     """({layer name: "colwise"|"rowwise"}, [names of parameterised layers left replicated])."""
     names = [name for name, _ in model.named_children()]
     layers = [getattr(model, n) for n in names]
@@ -38,41 +42,45 @@ def sequential_plan(model: nn.Module) -> tuple[dict[str, str], list[str]]:
     return plan, replicated
 
 
-def check(cfg, built, world_size: int, tp: int | None = None) -> None:
-    tp = tp or world_size
-    if built.tensor_plan is not None:
-        built.tensor_plan(built.model, None, tp)  # validates divisibility without a mesh
-        return
-    plan, _ = sequential_plan(built.model)
-    if not plan:
-        raise UserError(f"the {cfg.workload} model has no pair of Linear layers to shard over tensor-parallel ranks")
-    for name, style in plan.items():
-        layer = getattr(built.model, name)
-        dim = layer.out_features if style == "colwise" else layer.in_features
-        if dim % tp:
-            raise UserError(f"tensor-parallel degree {tp} does not divide layer {name}'s {dim} features")
+class SequentialPlan:
+    """The generic plan: Linear pairs among a module's direct children, sharded Megatron-style."""
+
+    def check(self, model: nn.Module, tp: int) -> None:
+        plan, _ = sequential_pairs(model)
+        if not plan:
+            raise UserError("the model has no pair of Linear layers to shard over tensor-parallel ranks")
+        for name, style in plan.items():
+            layer = getattr(model, name)
+            dim = layer.out_features if style == "colwise" else layer.in_features
+            if dim % tp:
+                raise UserError(f"tensor-parallel degree {tp} does not divide layer {name}'s {dim} features")
+
+    def apply(self, model: nn.Module, tp_mesh) -> dict[str, Any]:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan, replicated = sequential_pairs(model)
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        parallelize_module(model, tp_mesh, {name: styles[style]() for name, style in plan.items()})
+        return {"sharded": plan, "replicated": replicated}
 
 
-def parallelize(model: nn.Module, built, tp_mesh) -> dict:
-    """Shard ``model`` in place over ``tp_mesh``; returns what was sharded and what stayed replicated."""
-    if built.tensor_plan is not None:
-        return built.tensor_plan(model, tp_mesh, tp_mesh.size())
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    plan, replicated = sequential_plan(model)
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    parallelize_module(model, tp_mesh, {name: styles[style]() for name, style in plan.items()})
-    return {"sharded": plan, "replicated": replicated}
+def plan_of(workload):
+    return workload.tensor_plan if workload.tensor_plan is not None else SequentialPlan()
 
 
-def dp_degree(cfg, world_size: int) -> int:
-    return 1
+def check(cfg, workload, layout: Layout) -> None:
+    plan_of(workload).check(workload.model, layout.tp)
 
 
-def apply(model, built, cfg, ctx, total_steps: int) -> Engine:
-    mesh = make_mesh((ctx.world_size,), ("tp",), ctx.device)
+def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine:
+    mesh = make_mesh((layout.tp,), ("tp",), ctx.device)
     model = model.to(ctx.device)
-    layout = parallelize(model, built, mesh)
+    described = plan_of(workload).apply(model, mesh)
     # Every tensor-parallel rank holds the same outputs: only the first counts them.
-    return Engine(model, built, cfg, ctx.device, total_steps, counts_outputs=mesh.get_local_rank() == 0,
-                  describe={"mesh": {"tp": ctx.world_size}, **layout})
+    return Engine(model, workload, cfg, ctx.device, total_steps, counts_outputs=mesh.get_local_rank() == 0,
+                  describe={"mesh": layout.mesh(), **described})
+
+
+STRATEGY = Strategy(name="tensor", summary="DTensor tensor parallelism: Linear pairs sharded over ranks",
+                    layout=lambda cfg, world_size: Layout(tp=world_size), apply=apply, check=check,
+                    min_nproc=2, order=40)

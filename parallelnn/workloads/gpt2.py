@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import nn
 from parallelnn.data import text
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
-from parallelnn.workloads import Built, gpt2_parallel
+from parallelnn.workloads import Metrics, Workload, gpt2_parallel
 from parallelnn.workloads.pretrained import check_vocab, complete, load_pretrained, max_positions, no_progress_bars
 
 DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}
@@ -85,8 +86,11 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     return {"test_loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
-def adamw_cosine(lr: float, warmup_steps: int | None):
-    def make(params, total_steps: int):
+LM_METRICS = Metrics(("loss_sum", "count"), eval_sums, summarize)
+
+
+def adamw_cosine(warmup_steps: int | None):
+    def make(params, lr: float, total_steps: int):
         from transformers import get_cosine_schedule_with_warmup
 
         params = [p for p in params if p.requires_grad]
@@ -181,16 +185,36 @@ def save_hf(state_dict: dict[str, torch.Tensor], out_dir: str, config, tokenizer
 
 
 # -- build ------------------------------------------------------------------------------------------------
-def build(cfg, device: torch.device, log=print) -> Built:
+@dataclass
+class Texts:
+    """The problems rendered through the template, split into training and test texts."""
+
+    problems: text.Problems
+    template: str
+    train: list[str]
+    test: list[str]
+    pass_problems: list[dict]  # test problems with tests, for --eval-pass-at-k
+
+
+@dataclass
+class LanguageModel:
+    """The model to fine-tune and its tokenizer, and where they came from."""
+
+    hf: nn.Module
+    tokenizer: Any
+    context: int
+    source: str  # "pretrained" or "scratch"
+    name: str
+    tokenizer_desc: str
+    note: str | None = None  # why a --model was not used
+
+
+def load_texts(cfg, log) -> Texts:
     problems = text.load_problems(cfg.data, cfg.columns)
     template = text.check_template(cfg.template, problems) if cfg.template else text.default_template(problems)
     train_records, test_records = text.split_records(problems.records, cfg.test_size, cfg.seed)
-    train_texts = [text.render(template, r) for r in train_records]
-    test_texts = [text.render(template, r) for r in test_records]
-    text.set_tokenizers_parallelism(cfg.workers)
     if problems.dropped:
         log(f"{problems.dropped} rows without text in the mapped columns were left out")
-
     pass_problems = []
     if cfg.eval_pass_at_k:
         from parallelnn import sandbox
@@ -200,87 +224,104 @@ def build(cfg, device: torch.device, log=print) -> Built:
             raise UserError("--eval-pass-at-k needs test problems with tests: map the test and entry_point "
                             "columns (HumanEval style), e.g. --columns test=test,entry_point=entry_point")
         sandbox.require_isolation()
+    return Texts(problems, template, [text.render(template, r) for r in train_records],
+                 [text.render(template, r) for r in test_records], pass_problems)
 
-    loaded = load_pretrained(cfg.model, fallback_ok=True) if cfg.model else None
-    note = None
-    if cfg.model and loaded is None:
-        note = (f"--model {cfg.model}: the Hugging Face hub is not reachable and the model is not in the local "
-                "cache, so a small GPT-2 is trained from scratch instead")
+
+def scratch_lm(cfg, train_texts: list[str], note: str | None, log) -> LanguageModel:
+    context = cfg.context or SCRATCH["n_positions"]
+    if context > SCRATCH["n_positions"]:
+        raise UserError(f"--context {context} is larger than the {SCRATCH['n_positions']} positions the "
+                        "scratch model allows")
+    tokenizer = text.train_tokenizer(train_texts, SCRATCH_VOCAB, model_max_length=SCRATCH["n_positions"])
+    hf = scratch_model(len(tokenizer), tokenizer.eos_token_id, cfg.seed)
+    name = "gpt2-scratch ({n_layer} layers, {n_embd} wide, {n_head} heads)".format(**SCRATCH)
+    desc = f"byte-level BPE trained on the {len(train_texts)} training texts (vocab {len(tokenizer)})"
+    if note:
         log(f"{note} (model_source: scratch)")
-    if loaded is None:
-        context = cfg.context or SCRATCH["n_positions"]
-        if context > SCRATCH["n_positions"]:
-            raise UserError(f"--context {context} is larger than the {SCRATCH['n_positions']} positions the "
-                            "scratch model allows")
-        tokenizer = text.train_tokenizer(train_texts, SCRATCH_VOCAB, model_max_length=SCRATCH["n_positions"])
-        eos_id = tokenizer.eos_token_id
-        hf = scratch_model(len(tokenizer), eos_id, cfg.seed)
-        source, name = "scratch", "gpt2-scratch ({n_layer} layers, {n_embd} wide, {n_head} heads)".format(**SCRATCH)
-        tokenizer_desc = f"byte-level BPE trained on the {len(train_texts)} training texts (vocab {len(tokenizer)})"
-        if not cfg.model:
-            log(f"no --model: training {name} from scratch, with a {tokenizer_desc}")
     else:
-        hf, tokenizer, source, name = loaded.model, loaded.tokenizer, "pretrained", loaded.name
-        check_vocab(tokenizer, hf, f"--model {cfg.model}")
-        limit = max_positions(hf.config)
-        context = cfg.context or min(limit or 1024, 1024)
-        if limit is not None and context > limit:
-            raise UserError(f"--context {context} is larger than the {limit} positions --model {cfg.model} allows")
-        eos_id = tokenizer.eos_token_id
-        if eos_id is None:
-            raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token to separate documents")
-        tokenizer_desc = f"{name} ({type(tokenizer).__name__}, vocab {len(tokenizer)})"
-        log(f"--model {name}: pretrained weights, {sum(p.numel() for p in hf.parameters()):,} parameters")
+        log(f"no --model: training {name} from scratch, with a {desc}")
+    return LanguageModel(hf, tokenizer, context, "scratch", name, desc, note)
 
-    train = text.pack(text.encode(tokenizer, train_texts), eos_id, context)
-    test = text.pack(text.encode(tokenizer, test_texts), eos_id, context)
+
+def language_model(cfg, train_texts: list[str], log) -> LanguageModel:
+    """``--model`` when given and loadable, else the scratch model (saying why)."""
+    loaded = load_pretrained(cfg.model, fallback_ok=True) if cfg.model else None
+    if loaded is None:
+        note = (f"--model {cfg.model}: the Hugging Face hub is not reachable and the model is not in the local "
+                "cache, so a small GPT-2 is trained from scratch instead") if cfg.model else None
+        return scratch_lm(cfg, train_texts, note, log)
+    hf, tokenizer = loaded.model, loaded.tokenizer
+    check_vocab(tokenizer, hf, f"--model {cfg.model}")
+    limit = max_positions(hf.config)
+    context = cfg.context or min(limit or 1024, 1024)
+    if limit is not None and context > limit:
+        raise UserError(f"--context {context} is larger than the {limit} positions --model {cfg.model} allows")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token to separate documents")
+    log(f"--model {loaded.name}: pretrained weights, {sum(p.numel() for p in hf.parameters()):,} parameters")
+    return LanguageModel(hf, tokenizer, context, "pretrained", loaded.name,
+                         f"{loaded.name} ({type(tokenizer).__name__}, vocab {len(tokenizer)})")
+
+
+def pack(texts: Texts, lm: LanguageModel, log) -> tuple[text.Packed, text.Packed]:
+    eos_id = lm.tokenizer.eos_token_id
+    train = text.pack(text.encode(lm.tokenizer, texts.train), eos_id, lm.context)
+    test = text.pack(text.encode(lm.tokenizer, texts.test), eos_id, lm.context)
     long_texts = train.long_texts + test.long_texts
     if long_texts:
-        log(f"{long_texts} of {len(train_texts) + len(test_texts)} texts are longer than the {context}-token "
+        log(f"{long_texts} of {len(texts.train) + len(texts.test)} texts are longer than the {lm.context}-token "
             "context: packing continues them across windows")
-    log(f"packed {len(train_texts)} training texts ({train.stream_tokens:,} tokens with EOS) into "
-        f"{len(train.windows)} full windows of {context} ({train.wrapped_tokens} wrapped from the start); "
-        f"test: {len(test_texts)} texts, {len(test.windows)} windows")
+    log(f"packed {len(texts.train)} training texts ({train.stream_tokens:,} tokens with EOS) into "
+        f"{len(train.windows)} full windows of {lm.context} ({train.wrapped_tokens} wrapped from the start); "
+        f"test: {len(texts.test)} texts, {len(test.windows)} windows")
+    return train, test
 
-    fused = fused_activations(hf)
-    model = CausalLM(hf)
-    meta = {"template": template, "prompt_template": text.prompt_template(template), "context": context,
-            "model_source": source, "model": name, "columns": problems.mapping, "dataset": problems.dataset}
-    record: dict[str, Any] = {
-        "model_source": source, "model": name, "model_note": note, "tokenizer": tokenizer_desc,
-        "vocab_size": len(tokenizer), "context": context,
-        "parameters": sum(p.numel() for p in hf.parameters()),
-        "template": template, "columns": problems.mapping, "dropped_rows": problems.dropped,
-        "train_texts": len(train_texts), "test_texts": len(test_texts),
+
+def facts(texts: Texts, lm: LanguageModel, train: text.Packed, test: text.Packed, fused: int) -> dict[str, Any]:
+    """What the record says about the data and model."""
+    return {
+        "model_source": lm.source, "model": lm.name, "model_note": lm.note, "tokenizer": lm.tokenizer_desc,
+        "vocab_size": len(lm.tokenizer), "context": lm.context,
+        "parameters": sum(p.numel() for p in lm.hf.parameters()),
+        "template": texts.template, "columns": texts.problems.mapping, "dropped_rows": texts.problems.dropped,
+        "train_texts": len(texts.train), "test_texts": len(texts.test),
         "train_windows": len(train.windows), "test_windows": len(test.windows),
         "train_stream_tokens": train.stream_tokens, "wrapped_tokens": train.wrapped_tokens,
-        "texts_windowed": long_texts,
-        "fused_activations": fused,
+        "texts_windowed": train.long_texts + test.long_texts, "fused_activations": fused,
     }
-    extra: dict[str, Any] = {"eval_keys": ("loss_sum", "count"), "track_grad_norm": True, "record": record}
 
-    def save(state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
-        saved = save_hf(state_dict, out_dir, hf.config, tokenizer, meta)
-        log(f"saved the model and tokenizer to {out_dir}")
-        if cfg.eval_pass_at_k:
-            record.update(evaluate_pass_at_k(saved, tokenizer, pass_problems, template, cfg.eval_pass_at_k,
-                                             cfg.seed, device, log))
 
-    return Built(
-        model=model,
-        train=ArraySplit(train.windows, train.windows),
-        test=ArraySplit(test.windows, test.windows),
-        dataset=problems.dataset,
-        loss_fn=causal_lm_loss,
-        make_optimizer=adamw_cosine(cfg.lr, cfg.warmup_steps),
-        eval_sums=eval_sums,
-        summarize=summarize,
-        blocks=transformer_blocks,
-        layers=gpt2_parallel.pipeline_layers,
-        tensor_plan=gpt2_parallel.tensor_plan,
-        save=save,
-        tokens_per_sample=context,
-        extra=extra,
+def build(cfg, device: torch.device, log=print) -> Workload:
+    texts = load_texts(cfg, log)
+    text.set_tokenizers_parallelism(cfg.workers)
+    lm = language_model(cfg, texts.train, log)
+    train, test = pack(texts, lm, log)
+    fused = fused_activations(lm.hf)
+    meta = {"template": texts.template, "prompt_template": text.prompt_template(texts.template),
+            "context": lm.context, "model_source": lm.source, "model": lm.name, "columns": texts.problems.mapping,
+            "dataset": texts.problems.dataset}
+
+    def save(state_dict: dict[str, torch.Tensor], out: Path) -> Path:
+        save_hf(state_dict, str(out / "model"), lm.hf.config, lm.tokenizer, meta)
+        log(f"saved the model and tokenizer to {out / 'model'}")
+        return out / "model"
+
+    def pass_at_k(saved: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(saved)
+        return evaluate_pass_at_k(model, lm.tokenizer, texts.pass_problems, texts.template, cfg.eval_pass_at_k,
+                                  cfg.seed, device, log)
+
+    return Workload(
+        model=CausalLM(lm.hf), train=ArraySplit(train.windows, train.windows),
+        test=ArraySplit(test.windows, test.windows), dataset=texts.problems.dataset, loss=causal_lm_loss,
+        metrics=LM_METRICS, optimizer=adamw_cosine(cfg.warmup_steps), defaults=DEFAULTS,
+        blocks=transformer_blocks, layers=gpt2_parallel.pipeline_layers, tensor_plan=gpt2_parallel.GPT2TensorPlan(),
+        save=save, evaluate_saved=pass_at_k if cfg.eval_pass_at_k else None, tokens_per_sample=lm.context,
+        track_grad_norm=True, facts=facts(texts, lm, train, test, fused),
     )
 
 

@@ -89,42 +89,43 @@ class Conv1DAsLinear(nn.Module):
         return self.linear(x)
 
 
-def check_tensor(model: nn.Module, tp: int) -> None:
-    config = _gpt2(model).config
-    for what, value in (("attention heads", config.n_head), ("hidden size", config.n_embd),
-                        ("MLP width", config.n_inner or 4 * config.n_embd)):
-        if value % tp:
-            raise UserError(f"tensor-parallel degree {tp} does not divide GPT-2's {value} {what}")
+class GPT2TensorPlan:
+    """Megatron-style tensor parallelism of GPT-2's attention and MLP projections (see the module doc)."""
 
+    def check(self, model: nn.Module, tp: int) -> None:
+        config = _gpt2(model).config
+        for what, value in (("attention heads", config.n_head), ("hidden size", config.n_embd),
+                            ("MLP width", config.n_inner or 4 * config.n_embd)):
+            if value % tp:
+                raise UserError(f"tensor-parallel degree {tp} does not divide GPT-2's {value} {what}")
 
-def tensor_plan(model: nn.Module, tp_mesh, tp: int) -> dict:
-    """Shard ``model`` in place over ``tp_mesh`` (``tp_mesh`` None: only check that ``tp`` fits)."""
-    check_tensor(model, tp)
-    if tp_mesh is None:
-        return {}
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    def apply(self, model: nn.Module, tp_mesh) -> dict:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    hf = _gpt2(model)
-    plan = {}
-    for i, block in enumerate(hf.transformer.h):
-        attn, mlp = block.attn, block.mlp
-        attn.c_attn = QKV(attn.c_attn)
-        attn.c_proj = Conv1DAsLinear(attn.c_proj)
-        mlp.c_fc = Conv1DAsLinear(mlp.c_fc)
-        mlp.c_proj = Conv1DAsLinear(mlp.c_proj)
-        attn.split_size //= tp  # each rank holds its heads' q, k and v: split its own output in three
-        prefix = f"hf.transformer.h.{i}" if hasattr(model, "hf") else f"transformer.h.{i}"
-        for name in ("attn.c_attn.q", "attn.c_attn.k", "attn.c_attn.v", "mlp.c_fc.linear"):
-            plan[f"{prefix}.{name}"] = ColwiseParallel()
-        for name in ("attn.c_proj.linear", "mlp.c_proj.linear"):
-            plan[f"{prefix}.{name}"] = RowwiseParallel()
-    parallelize_module(model, tp_mesh, plan)
-    return {"sharded": {"attention (q, k, v / c_proj)": "colwise / rowwise", "mlp (c_fc / c_proj)": "colwise / rowwise"},
-            "replicated": ["wte", "wpe", "layer norms", "lm_head (tied to wte)"]}
+        tp = tp_mesh.size()
+        self.check(model, tp)
+        hf = _gpt2(model)
+        plan = {}
+        for i, block in enumerate(hf.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            attn.c_attn = QKV(attn.c_attn)
+            attn.c_proj = Conv1DAsLinear(attn.c_proj)
+            mlp.c_fc = Conv1DAsLinear(mlp.c_fc)
+            mlp.c_proj = Conv1DAsLinear(mlp.c_proj)
+            attn.split_size //= tp  # each rank holds its heads' q, k and v: split its own output in three
+            prefix = f"hf.transformer.h.{i}" if hasattr(model, "hf") else f"transformer.h.{i}"
+            for name in ("attn.c_attn.q", "attn.c_attn.k", "attn.c_attn.v", "mlp.c_fc.linear"):
+                plan[f"{prefix}.{name}"] = ColwiseParallel()
+            for name in ("attn.c_proj.linear", "mlp.c_proj.linear"):
+                plan[f"{prefix}.{name}"] = RowwiseParallel()
+        parallelize_module(model, tp_mesh, plan)
+        return {"sharded": {"attention (q, k, v / c_proj)": "colwise / rowwise",
+                            "mlp (c_fc / c_proj)": "colwise / rowwise"},
+                "replicated": ["wte", "wpe", "layer norms", "lm_head (tied to wte)"]}
 
 
 def to_conv1d_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo :func:`tensor_plan`'s module swaps in a (full) state dict: plain GPT-2 names and layouts."""
+    """Undo :class:`GPT2TensorPlan`'s module swaps in a (full) state dict: plain GPT-2 names and layouts."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".attn.c_attn.q." in key:
