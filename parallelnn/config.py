@@ -23,7 +23,6 @@ T0_ENV = "PARALLELNN_T0"  # when the user pressed enter (start-up time is measur
 SPAWNED_ENV = "PARALLELNN_SPAWNED"  # set in ranks that `run --nproc N` spawned: the parent prints the summary
 QUIET_CPP_ENV = "PARALLELNN_QUIET_CPP"  # the CLI set TORCH_CPP_LOG_LEVEL for itself only
 
-WORKLOADS = ("iris", "mnist", "gpt2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOADERS = ("memory", "dataloader")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
@@ -39,7 +38,8 @@ def opt(default: Any = None, help: str = "", **cli: Any) -> Any:
 @dataclass
 class RunConfig:
     # --- what and where -------------------------------------------------------------------------
-    workload: str = opt(None, "what to train", choices=WORKLOADS, positional=True)
+    workload: str = opt(None, "what to train: iris, mnist, gpt2, or your own FILE.py:FUNCTION / package.module:FUNCTION",
+                        positional=True)
     strategy: str = opt("single", "how to spread training over processes")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
     # --- data -----------------------------------------------------------------------------------
@@ -156,9 +156,7 @@ def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
     ``launching=False`` for a rank of a job torchrun or srun started: the machines are already
     together, so the rendezvous options do not apply.
     """
-    if cfg.workload is None:
-        raise UserError("no workload given: choose one of " + ", ".join(WORKLOADS))
-    for name, allowed in (("workload", WORKLOADS), ("device", DEVICES),
+    for name, allowed in (("device", DEVICES),
                           ("loader", LOADERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
         value = getattr(cfg, name)
         if value not in allowed:

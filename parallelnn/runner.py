@@ -37,15 +37,18 @@ from parallelnn.progress import Progress
 from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
 from parallelnn.trainer import PROGRESS_FILE, Hooks, LoopState, Trainer, final_eval
 from parallelnn.watchdog import Watchdog
-from parallelnn.workloads import Workload
+from parallelnn.workload import GENERAL_DEFAULTS, Workload
 
 EVAL_TIMING = ("runtime", "samples_per_second", "steps_per_second")
 TIMING_NOTE = ("train_seconds: the training loops only (slowest rank), after a device sync; excludes data "
                "download and preparation, model building, evaluation, checkpoint saving and process start-up")
 
 
-def check(cfg: RunConfig, launching: bool = True) -> RunConfig:
-    """Every check of ``cfg`` that needs no workload: the fields, then the strategy and its layout."""
+def check(cfg: RunConfig, launching: bool = True, skip_workload: bool = False) -> RunConfig:
+    """Every check of ``cfg`` that needs no model or data: the fields, the workload's name (or file), then the
+    strategy and its layout."""
+    if not skip_workload:  # the Python API's workload objects have no name to check
+        workloads.check_name(cfg.workload)
     validate(cfg, launching)
     parallel.resolve(cfg)
     return cfg
@@ -53,14 +56,15 @@ def check(cfg: RunConfig, launching: bool = True) -> RunConfig:
 
 def with_defaults(cfg: RunConfig, workload: Workload) -> RunConfig:
     """A copy of ``cfg`` with the workload's defaults filled into the fields left None."""
-    return dataclasses.replace(cfg, **{k: v for k, v in workload.defaults.items() if getattr(cfg, k) is None})
+    defaults = {**GENERAL_DEFAULTS, **workload.defaults()}
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
-def build_workload(cfg: RunConfig, device: torch.device, log: Callable[[str], None],
-                   announce: bool = True) -> tuple[RunConfig, Workload]:
+def build_workload(cfg: RunConfig, device: torch.device, log: Callable[[str], None], announce: bool = True,
+                   build: Callable[[RunConfig], Workload] | None = None) -> tuple[RunConfig, Workload]:
     """The workload ``cfg`` names, and ``cfg`` completed with its defaults; ``--limit`` applied (``announce``:
     this process warns when it exceeds the data)."""
-    workload = workloads.load(cfg.workload).build(cfg, device, log=log)
+    workload = workloads.build(cfg.workload, cfg, device, log, fn=build)
     cfg = with_defaults(cfg, workload)
     if cfg.grad_accum > cfg.batch_size:  # the workload's default batch meets the user's --grad-accum
         raise UserError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}")
@@ -121,7 +125,7 @@ class Setup:
     log: Callable[[str], None]
 
 
-def set_up(cfg: RunConfig, ctx: launch.Context) -> Setup:
+def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Workload] | None = None) -> Setup:
     """Stage 1: the workload, the strategy applied to its model, the loaders and what MFU needs."""
     if cfg.tensorboard:  # before any data or model work: a missing package is a one-line error
         from parallelnn import tboard
@@ -132,7 +136,7 @@ def set_up(cfg: RunConfig, ctx: launch.Context) -> Setup:
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
         prepare_out_dir(out, cfg.overwrite)
     log = (lambda msg: print(msg, flush=True)) if ctx.is_main and not cfg.quiet else (lambda msg: None)
-    cfg, workload = build_workload(cfg, ctx.device, log, announce=ctx.is_main)
+    cfg, workload = build_workload(cfg, ctx.device, log, announce=ctx.is_main, build=build)
     strategy, layout = parallel.resolve(cfg, ctx.world_size)
     strategy.check(cfg, workload, layout)
     base = _baseline(cfg, workload, ctx.device)
@@ -225,11 +229,13 @@ def per_rank_figures(setup: Setup, trained: Trained) -> list[dict[str, Any]]:
                           **setup.engine.describe.get("per_rank", {})}, ctx)
 
 
-def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None:
-    """Run ``cfg`` in this process (one rank of the job); return the record on rank 0."""
+def execute(cfg: RunConfig, hooks: Hooks | None = None,
+            build: Callable[[RunConfig], Workload] | None = None) -> dict[str, Any] | None:
+    """Run ``cfg`` in this process (one rank of the job); return the record on rank 0. ``build``: the
+    workload's build function itself (the Python API), instead of the one ``cfg.workload`` names."""
     ctx = launch.init(cfg, cfg.device, needs_group=parallel.get(cfg.strategy).needs_process_group)
     try:
-        setup = set_up(cfg, ctx)
+        setup = set_up(cfg, ctx, build)
         trained = train(setup, hooks)
         per_rank = per_rank_figures(setup, trained)
         evaluated = save_weights(setup)
@@ -443,31 +449,35 @@ def preflight(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def run_command(cfg: RunConfig) -> int:
-    """``parallelnn run``: join a running job, spawn one, or run here; then print the summary."""
+def run_job(cfg: RunConfig) -> dict[str, Any] | None:
+    """Join a running job, spawn one, or run here; the record (None on ranks other than 0). Raises
+    ``launch.LaunchFailed`` or ``Stopped`` when the job did not finish."""
     job = launch.job_env()
     if job is not None:  # one rank of a job torchrun or srun started
         cfg = dataclasses.replace(cfg, nproc=job["local_world_size"],
                                   nnodes=max(1, job["world_size"] // job["local_world_size"]))
         check(cfg, launching=False)
-        record = execute_rank(cfg)
-        if os.environ.get(launch.SPAWNED_ENV):
-            return 0  # the parent that spawned this rank prints the summary
-    elif cfg.world_size > 1 or cfg.max_restarts > 0:  # torchrun's agent also restarts a lone process
+        return execute_rank(cfg)
+    if cfg.world_size > 1 or cfg.max_restarts > 0:  # torchrun's agent also restarts a lone process
         cfg = preflight(cfg)
-        try:
-            launch.spawn(cfg, ["run", *config_to_argv(cfg)])
-        except launch.LaunchFailed as err:
-            print(f"parallelnn: {'' if err.stopped else 'error: '}{err}", flush=True, file=sys.stderr)
-            return err.exit_code
+        launch.spawn(cfg, ["run", *config_to_argv(cfg)])
         record_path = Path(cfg.out) / "record.json"
-        record = read_record(record_path) if record_path.is_file() else None
-    else:
-        try:
-            record = execute(cfg)
-        except Stopped as stop:
-            print(f"parallelnn: {stop}", file=sys.stderr, flush=True)
-            return stop.exit_code
+        return read_record(record_path) if record_path.is_file() else None
+    return execute(cfg)
+
+
+def run_command(cfg: RunConfig) -> int:
+    """``parallelnn run``: the job, then the summary line (or the one line saying why it stopped)."""
+    try:
+        record = run_job(cfg)
+    except launch.LaunchFailed as err:
+        print(f"parallelnn: {'' if err.stopped else 'error: '}{err}", flush=True, file=sys.stderr)
+        return err.exit_code
+    except Stopped as stop:
+        print(f"parallelnn: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    if launch.job_env() is not None and os.environ.get(launch.SPAWNED_ENV):
+        return 0  # a spawned rank: the parent that spawned it prints the summary
     if record is not None and not cfg.quiet:
         print(summary_line(record), flush=True)
     return 0

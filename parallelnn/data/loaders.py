@@ -43,6 +43,51 @@ class ArraySplit:
         return ArraySplit(self.inputs[:n], self.targets[:n], self.prepare)
 
 
+class DatasetSplit:
+    """One split held by a map-style ``torch.utils.data.Dataset`` of (input, target) pairs.
+
+    The dataloader path reads it sample by sample (in worker processes with ``--workers``); the memory
+    path and the few places that need a batch at once (FLOP counting, pipeline balancing) stack samples
+    into tensors: ``inputs`` / ``targets`` stack the whole split once, on first use.
+    """
+
+    def __init__(self, dataset: Dataset, indices: range | None = None):
+        self.dataset = dataset
+        self.indices = indices if indices is not None else range(len(dataset))
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def head(self, n: int) -> "DatasetSplit":
+        return DatasetSplit(self.dataset, self.indices[:n])
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stacked is None:
+            pairs = [self[i] for i in range(len(self))]
+            self._stacked = (torch.stack([torch.as_tensor(x) for x, _ in pairs]),
+                             torch.stack([torch.as_tensor(y) for _, y in pairs]))
+        return self._stacked
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self._stack()[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self._stack()[1]
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+Split = ArraySplit | DatasetSplit
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
                   min_size: int = 1) -> list[torch.Tensor]:
     """The global batches of one epoch as index tensors; the same on every rank.
@@ -110,7 +155,7 @@ class _Loader:
 class MemoryLoader(_Loader):
     """Whole split prepared once on the device; batches are index slices."""
 
-    def __init__(self, split: ArraySplit, plan: BatchPlan, device: torch.device):
+    def __init__(self, split: Split, plan: BatchPlan, device: torch.device):
         self.plan, self.device = plan, device
         self.inputs = split.prepare(split.inputs).to(device)
         self.targets = split.targets.to(device)
@@ -151,10 +196,10 @@ class _RankBatches(Sampler):
 class DataLoaderLoader(_Loader):
     """``torch.utils.data.DataLoader`` with per-sample preparation and worker processes."""
 
-    def __init__(self, split: ArraySplit, plan: BatchPlan, device: torch.device, workers: int = 0):
+    def __init__(self, split: Split, plan: BatchPlan, device: torch.device, workers: int = 0):
         self.plan, self.device = plan, device
         self.loader = DataLoader(
-            _PerSample(split),
+            split if isinstance(split, DatasetSplit) else _PerSample(split),
             batch_sampler=_RankBatches(plan),
             num_workers=workers,
             pin_memory=device.type == "cuda",
@@ -174,7 +219,7 @@ class DataLoaderLoader(_Loader):
         self.loader._iterator = None
 
 
-def make_loader(kind: str, split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
+def make_loader(kind: str, split: Split, batch_size: int, device: torch.device, *, shuffle: bool,
                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, workers: int = 0):
     plan = BatchPlan(len(split), batch_size, shuffle, seed, dp_rank, dp_size)
     if kind == "memory":

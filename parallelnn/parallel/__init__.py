@@ -22,16 +22,15 @@ import importlib
 import pkgutil
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from parallelnn.config import RunConfig, option_name
 from parallelnn.errors import UserError
 
 if TYPE_CHECKING:
-    from parallelnn.launch import Context
     from parallelnn.parallel.engine import Engine
-    from parallelnn.workloads import Workload
+    from parallelnn.workload import Workload
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,15 @@ from parallelnn.parallel.engine import Engine, contiguous_layout
 
 
 def blocks_of(model, workload) -> list[torch.nn.Module]:
+    """The modules sharded one by one before the root: the workload's ``blocks``; else its pipeline ``layers``
+    that hold parameters; else the entries of the model's largest ``nn.ModuleList`` (a transformer's
+    layers); else none (the root alone is one shard group)."""
     if workload.blocks is not None:
         return list(workload.blocks(model))
     if workload.layers is not None:
         return [m for m in workload.layers(model) if any(True for _ in m.parameters())]
-    return []
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return list(max(lists, key=len)) if lists else []
 
 
 def shard(model, workload, mesh, reshard_after_forward: bool):

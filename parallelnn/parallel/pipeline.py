@@ -110,7 +110,8 @@ def microbatches(cfg, per_rank_batch: int, n_stages: int) -> int:
 def check(cfg, workload, layout: Layout) -> None:
     """Before spawning: the layers split into the stages and the batch into the microbatches."""
     if workload.layers is None:
-        raise UserError(f"the {cfg.workload} model cannot be split into pipeline stages")
+        raise UserError(f"the {cfg.workload} model cannot be split into pipeline stages: make it an nn.Sequential, "
+                        "or give Workload(layers=...) (its layers in order, their composition being its forward)")
     if cfg.grad_accum > 1:
         raise UserError("--grad-accum does not combine with pipeline stages; use --microbatches")
     n_stages = layout.pp * VIRTUAL.get(cfg.schedule, 1)

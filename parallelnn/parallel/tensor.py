@@ -48,7 +48,8 @@ class SequentialPlan:
     def check(self, model: nn.Module, tp: int) -> None:
         plan, _ = sequential_pairs(model)
         if not plan:
-            raise UserError("the model has no pair of Linear layers to shard over tensor-parallel ranks")
+            raise UserError("the model has no pair of consecutive Linear layers among its children to shard over "
+                            "tensor-parallel ranks; give Workload(tensor_plan={'name': 'colwise', ...})")
         for name, style in plan.items():
             layer = getattr(model, name)
             dim = layer.out_features if style == "colwise" else layer.in_features
@@ -64,8 +65,40 @@ class SequentialPlan:
         return {"sharded": plan, "replicated": replicated}
 
 
+class NamedPlan:
+    """A user's plan: {submodule name: "colwise" | "rowwise"}, for ``nn.Linear`` submodules."""
+
+    def __init__(self, styles: dict[str, str]):
+        self.styles = styles
+
+    def check(self, model: nn.Module, tp: int) -> None:
+        modules = dict(model.named_modules())
+        for name, style in self.styles.items():
+            layer = modules.get(name)
+            if style not in ("colwise", "rowwise"):
+                raise UserError(f"tensor plan: {name} has style {style!r}; use 'colwise' or 'rowwise'")
+            if not isinstance(layer, nn.Linear):
+                raise UserError(f"tensor plan: the model has no Linear layer named {name!r}")
+            dim = layer.out_features if style == "colwise" else layer.in_features
+            if dim % tp:
+                raise UserError(f"tensor-parallel degree {tp} does not divide layer {name}'s {dim} features")
+
+    def apply(self, model: nn.Module, tp_mesh) -> dict[str, Any]:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        parallelize_module(model, tp_mesh, {name: styles[style]() for name, style in self.styles.items()})
+        sharded = {n for n in self.styles}
+        return {"sharded": dict(self.styles),
+                "replicated": [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in sharded]}
+
+
 def plan_of(workload):
-    return workload.tensor_plan if workload.tensor_plan is not None else SequentialPlan()
+    """The workload's own plan (a TensorPlan, or a dict of styles), else the generic Linear-pair plan."""
+    plan = workload.tensor_plan
+    if plan is None:
+        return SequentialPlan()
+    return NamedPlan(plan) if isinstance(plan, dict) else plan
 
 
 def check(cfg, workload, layout: Layout) -> None:

@@ -24,7 +24,6 @@ it then samples K completions per test problem that has tests and runs them in t
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +35,11 @@ from torch import nn
 from parallelnn.data import text
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
-from parallelnn.workloads import Metrics, Workload, gpt2_parallel
+from parallelnn.workloads import Workload, gpt2_parallel
+from parallelnn.workloads.tasks import LM, lm_loss
 from parallelnn.workloads.pretrained import check_vocab, complete, load_pretrained, max_positions, no_progress_bars
 
-DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}
+DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}  # Workload fields
 # The offline default model: GPT-2's architecture, shrunk so that CPUs train it in seconds.
 SCRATCH = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}
 SCRATCH_VOCAB = 4096
@@ -63,30 +63,6 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids, use_cache=False).logits
-
-
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over windows of each window's mean next-token cross-entropy (every window is full).
-
-    The last position has no next token: it gets label -100 (ignored) rather than being sliced off,
-    because slicing the logits would copy them (batch x context x vocab floats) every step.
-    """
-    labels = torch.cat([targets[:, 1:], targets.new_full((targets.size(0), 1), -100)], dim=1)
-    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                       reduction="sum", ignore_index=-100) / (targets.size(1) - 1)
-
-
-def eval_sums(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"loss_sum": causal_lm_loss(outputs, targets).detach(),
-            "count": torch.tensor(len(targets), device=targets.device)}
-
-
-def summarize(sums: dict[str, float]) -> dict[str, float]:
-    loss = sums["loss_sum"] / max(sums.get("count", 0), 1)
-    return {"test_loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
-
-
-LM_METRICS = Metrics(("loss_sum", "count"), eval_sums, summarize)
 
 
 def adamw_cosine(warmup_steps: int | None):
@@ -317,8 +293,8 @@ def build(cfg, device: torch.device, log=print) -> Workload:
 
     return Workload(
         model=CausalLM(lm.hf), train=ArraySplit(train.windows, train.windows),
-        test=ArraySplit(test.windows, test.windows), dataset=texts.problems.dataset, loss=causal_lm_loss,
-        metrics=LM_METRICS, optimizer=adamw_cosine(cfg.warmup_steps), defaults=DEFAULTS,
+        test=ArraySplit(test.windows, test.windows), dataset=texts.problems.dataset, loss=lm_loss,
+        metrics=LM, optimizer=adamw_cosine(cfg.warmup_steps), **DEFAULTS,
         blocks=transformer_blocks, layers=gpt2_parallel.pipeline_layers, tensor_plan=gpt2_parallel.GPT2TensorPlan(),
         save=save, evaluate_saved=pass_at_k if cfg.eval_pass_at_k else None, tokens_per_sample=lm.context,
         track_grad_norm=True, facts=facts(texts, lm, train, test, fused),
