@@ -7,14 +7,13 @@ work lives in its own module. Every user error ends as one line and exit status 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
-from typing import Any
 
-from parallelnn import __version__, parallel
-from parallelnn.config import QUIET_CPP_ENV, T0_ENV, RunConfig, config_fields, load_toml, option_name
+from parallelnn import __version__
+from parallelnn.config import QUIET_CPP_ENV, T0_ENV, suggest
+from parallelnn.options import add_run_options, config_from_args
 from parallelnn.errors import EXIT_USER_ERROR, UserError, report_user_error
 
 
@@ -23,51 +22,37 @@ VERBS = ("bench", "report", "info", "generate")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem (exit 2), not a usage dump."""
+    """argparse, but a usage error is one line naming the problem (exit 2), not a usage dump; options are
+    never abbreviated (``--epoch`` is not taken for ``--epochs``), and a mistyped one gets a suggestion."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
+        verb = self.prog.removeprefix("parallelnn").strip()
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()
+            option = next((a.split("=")[0] for a in unknown if a.startswith("--")), None)
+            if option:
+                known = _long_options(self)
+                message = f"unknown option {option}" + suggest(option, known)
+        raise UserError(f"{verb + ': ' if verb else ''}{message}")
 
 
-def _field_type(f: dataclasses.Field):
-    text = str(f.type)
-    return int if "int" in text else float if "float" in text else str
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --option of ``parser`` and of its verbs' parsers."""
+    found = []
+    for action in parser._actions:
+        found += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _long_options(sub)
+    return sorted(set(found))
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
-                   help="read options from a TOML file (flags given here win)")
-    for f in config_fields():
-        meta = dict(f.metadata)
-        help_text = meta.pop("help", "")
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if f.name == "strategy":  # the strategies are the modules of parallelnn.parallel
-            kwargs["choices"] = parallel.names()
-        if meta.get("positional"):
-            p.add_argument(f.name, nargs="?", **{**kwargs, "default": None})
-        elif meta.get("flag"):
-            p.add_argument(option_name(f.name), action="store_true", **kwargs)
-        elif meta.get("negatable"):
-            p.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            p.add_argument(option_name(f.name), type=_field_type(f), metavar=meta.get("metavar"), **kwargs)
-
-
-def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    values: dict[str, Any] = {}
-    if getattr(ns, "config", None):
-        values.update(load_toml(ns.config))
-    known = {f.name for f in config_fields()}
-    values.update({k: v for k, v in vars(ns).items() if k in known and v is not None})
-    try:
-        return RunConfig(**values)
-    except TypeError as err:
-        raise UserError(f"bad configuration: {err}")
-
-
-def build_parser() -> Parser:
+def build_parser(workload: str | None = None) -> Parser:
+    """The command's parser; ``workload``: ``run WORKLOAD --help`` shows that workload's options only."""
     parser = Parser(prog="parallelnn", description="Train under interchangeable parallel strategies and "
                                                    "measure which one pays off.")
     parser.add_argument("--version", action="version", version=f"parallelnn {__version__}")
@@ -76,7 +61,7 @@ def build_parser() -> Parser:
     run = verbs.add_parser("run", help="train a workload and write its record",
                            description="Train a workload under a strategy; writes OUT/record.json and "
                                        "OUT/metrics.jsonl.")
-    add_run_options(run)
+    add_run_options(run, workload)
     run.set_defaults(handler=cmd_run)
 
     import importlib
@@ -111,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
         os.environ[QUIET_CPP_ENV] = "1"
     try:
-        ns = build_parser().parse_args(argv)
+        ns = build_parser(_help_workload(argv)).parse_args(argv)
         if not getattr(ns, "handler", None):
             build_parser().print_help()
             return EXIT_USER_ERROR
@@ -121,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parallelnn: interrupted", file=sys.stderr)
         return 130
+
+
+def _help_workload(argv: list[str] | None) -> str | None:
+    """The workload of ``run WORKLOAD --help``, so that help shows that workload's options."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) >= 3 and args[0] == "run" and ("-h" in args or "--help" in args) and not args[1].startswith("-"):
+        return args[1]
+    return None
 
 
 def _process_start() -> float:

@@ -11,6 +11,7 @@ is built; :func:`validate` checks everything that can be checked without buildin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -119,22 +120,63 @@ def config_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")]
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def field_kind(f: dataclasses.Field) -> type:
+    """The Python type a field holds (bool, int, float or str), from its annotation."""
+    text = str(f.type)
+    for kind in (bool, int, float):
+        if kind.__name__ in text:
+            return kind
+    return str
+
+
+def typed(name: str, value: Any, where: str) -> Any:
+    """``value`` for field ``name`` if it has the field's type (ints are floats too), else a UserError."""
+    f = FIELDS[name]
+    kind = field_kind(f)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, str))
+    if not ok:
+        raise UserError(f"{where}: {name} must be {'true or false' if kind is bool else 'a ' + kind.__name__ if kind is not int else 'an int'}, "
+                        f"got {value!r}")
+    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+        raise UserError(f"{where}: {name} = {value!r} is not one of {', '.join(f.metadata['choices'])}")
+    return float(value) if kind is float else value
+
+
+def suggest(name: str, known: list[str] | set[str]) -> str:
+    """"; did you mean X?" for the closest known name, or nothing."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML file of RunConfig fields (dashes or underscores), rejecting unknown keys."""
+    """Read a TOML file of RunConfig fields (dashes or underscores; at the top or under ``[run]``), each
+    checked for its type; an unknown key or another section is refused, with the closest known name."""
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist")
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise UserError(f"cannot read config file {path}: {err}")
-    known = {f.name for f in config_fields()}
-    values = {}
+        raise UserError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"cannot read config file {path}: {err}") from None
+    items = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     for key, value in raw.items():
+        if isinstance(value, dict):
+            if key != "run":
+                raise UserError(f"config file {path}: section [{key}] is not supported: put options at the top "
+                                "level or under [run]")
+            items.update(value)
+    known = {f.name for f in config_fields() if not f.metadata.get("positional")} | {"workload"}
+    values = {}
+    for key, value in items.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise UserError(f"config file {path}: unknown key '{key}'")
-        values[name] = value
+            raise UserError(f"config file {path}: unknown key '{key}'" + suggest(name, known))
+        values[name] = typed(name, value, f"config file {path}")
     return values
 
 
@@ -187,8 +229,6 @@ def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
         raise UserError(f"--resume {cfg.resume}: no such checkpoint")
     if cfg.baseline and not os.path.isfile(cfg.baseline):
         raise UserError(f"--baseline {cfg.baseline}: no such record file")
-    if cfg.download and cfg.workload != "mnist":
-        raise UserError("--download applies to the mnist workload only")
     return cfg
 
 

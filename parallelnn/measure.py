@@ -248,3 +248,75 @@ class CommProbe:
         n = max(self.last - self.first + 1, 1)
         self.result = {"profiled_steps": n, "step_seconds": wall / n, "comm_seconds": comm / n,
                        "comm_share": min(1.0, comm / wall) if wall > 0 else 0.0}
+
+
+class TensorBytes:
+    """What one rank's tensors hold during a training step, by kind: parameters, gradients, optimizer state
+    (each this rank's local shards), and the peak of activations saved for backward during one step.
+
+    The activation peak is counted with ``torch.autograd.graph.saved_tensors_hooks`` on one step: each
+    saved tensor's storage counts once while any saved tensor still uses it (a weak reference notices its
+    release). This is the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
+    allocator's and the framework's own memory, temporaries not saved for backward and communication
+    buffers (the resident-set peak, ``peak_memory_bytes``, includes them).
+    """
+
+    def __init__(self, step: int = 2):
+        self.step = step
+        self.result: dict[str, int] = {}
+        self._hooks = None
+        self._live: dict[int, list] = {}  # storage pointer -> [bytes, references]
+        self._current = self._peak = 0
+
+    def before_step(self, step: int) -> None:
+        if step != self.step:
+            return
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        import weakref
+
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without a plain storage
+            return t
+        entry = self._live.setdefault(key, [size, 0])
+        if entry[1] == 0:
+            self._current += size
+            self._peak = max(self._peak, self._current)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+        return t
+
+    def _release(self, key: int) -> None:
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self._current -= entry[0]
+            del self._live[key]
+
+    def after_step(self, step: int, engine) -> None:
+        if self._hooks is None or step != self.step:
+            return
+        self._hooks.__exit__(None, None, None)
+        self._hooks = None
+        params = engine.parameters()
+        state = engine.optimizer.state
+        self.result = {
+            "parameters": sum(_local_bytes(p) for p in params),
+            "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(_local_bytes(v) for p in params for v in state.get(p, {}).values()
+                             if isinstance(v, torch.Tensor) and v.ndim > 0),
+            "activations": self._peak,
+        }
+        self.result["total"] = sum(self.result.values())
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank holds of ``t`` (a DTensor's local shard)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()

@@ -49,6 +49,7 @@ def check(cfg: RunConfig, launching: bool = True, skip_workload: bool = False) -
     strategy and its layout."""
     if not skip_workload:  # the Python API's workload objects have no name to check
         workloads.check_name(cfg.workload)
+        workloads.check_options(cfg)
     validate(cfg, launching)
     parallel.resolve(cfg)
     return cfg
@@ -225,6 +226,7 @@ def per_rank_figures(setup: Setup, trained: Trained) -> list[dict[str, Any]]:
     return launch.gather({"rank": ctx.rank, "host": os.uname().nodename, "step_seconds": trainer.step_seconds,
                           "first_step_seconds": trainer.first_step_seconds,
                           "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
+                          "tensor_bytes": trainer.tensor_bytes.result or None,
                           **(trainer.comm_probe.result if trainer.comm_probe else {}),
                           **setup.engine.describe.get("per_rank", {})}, ctx)
 
@@ -286,6 +288,7 @@ def _measurements(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]]
     return {"flops_per_sample": setup.flops_per_sample, "peak_flops": setup.peak_flops,
             "mfu": measure.mfu(setup.flops_per_sample, rate, setup.peak_flops),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+            "tensor_bytes": max((r["tensor_bytes"]["total"] for r in per_rank if r["tensor_bytes"]), default=None),
             "first_step_seconds": trainer.first_step_seconds, "startup_seconds": trainer.startup_seconds,
             "timing": TIMING_NOTE, "strategy_detail": {k: v for k, v in engine.describe.items() if k != "per_rank"},
             "per_rank": per_rank, "restarts": setup.ctx.restart_count, "resumes": state.resumes,
@@ -298,7 +301,13 @@ def _provenance(setup: Setup, started: float) -> dict[str, Any]:
     cfg = setup.cfg
     return {"hardware": hardware(setup.ctx.device), "versions": versions(),
             "command": cfg.command or "parallelnn run " + " ".join(config_to_argv(cfg)),
-            "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(setup.out)}
+            "config": used_config(cfg, setup.strategy), "started_at": started, "finished_at": time.time(), "out": str(setup.out)}
+
+
+def used_config(cfg: RunConfig, strategy: parallel.Strategy) -> dict[str, Any]:
+    """The config as trained: options of other strategies and other workloads, which nothing read, left out."""
+    unused = (parallel.strategy_options() - set(strategy.options)) | workloads.foreign_options(cfg.workload)
+    return {k: v for k, v in cfg.to_dict().items() if k not in unused}
 
 
 def build_record(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]],

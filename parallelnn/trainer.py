@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from parallelnn.launch import T0_ENV, Context
-from parallelnn.measure import CommProbe, now
+from parallelnn.measure import CommProbe, TensorBytes, now
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder
 
@@ -176,6 +176,8 @@ class Trainer:
         self._progress_fd: int | None = None
         # Multi-rank runs profile a few early steps to see how much time collectives take.
         self.comm_probe = CommProbe(ctx.device) if ctx.multi_rank else None
+        # And one step counts the tensor memory each rank holds (what strategies divide).
+        self.tensor_bytes = TensorBytes()
         self.first_step_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.step_seconds: list[float] = []
@@ -331,7 +333,9 @@ class Trainer:
             if self.comm_probe:
                 self.comm_probe.before_step(s.global_step + 1)
             self._at(1)
+            self.tensor_bytes.before_step(s.global_step + 1)
             loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
+            self.tensor_bytes.after_step(s.global_step + 1, engine)
             if self.comm_probe:
                 self.comm_probe.after_step(s.global_step + 1)
             if self.first_step_seconds is None:

@@ -60,6 +60,10 @@ class TensorPlan(Protocol):
     def apply(self, model: nn.Module, tp_mesh: Any) -> dict[str, Any]:
         """Shard ``model`` in place over the 1-D ``tp_mesh``; return what was sharded and what was not."""
 
+    def layers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(the modules this plan shards, the row-wise ones whose outputs are all-reduced): what ``advise``
+        counts for the plan's memory and communication."""
+
 
 @dataclass
 class Workload:

@@ -6,7 +6,7 @@ from conftest import cli, main
 from test_idx import write_mnist
 
 CASES = {
-    "unknown workload": (["run", "resnet"], "invalid choice: 'resnet'"),
+    "unknown workload": (["run", "resnet"], "unknown workload 'resnet': choose one of iris, mnist, gpt2"),
     "unknown strategy": (["run", "mnist", "--strategy", "zero"], "invalid choice: 'zero'"),
     "unknown device": (["run", "mnist", "--device", "tpu"], "invalid choice: 'tpu'"),
     "unknown loader": (["run", "mnist", "--loader", "disk"], "invalid choice: 'disk'"),
@@ -16,7 +16,7 @@ CASES = {
     "negative batch": (["run", "mnist", "--batch-size", "-4"], "--batch-size must be positive"),
     "zero lr": (["run", "mnist", "--lr", "0"], "--lr must be positive"),
     "negative lr": (["run", "iris", "--lr=-1e-3"], "--lr must be positive"),
-    "not a number": (["run", "mnist", "--epochs", "two"], "invalid int value"),
+    "not a number": (["run", "mnist", "--epochs", "two"], "argument --epochs: 'two' is not an int"),
     "no workload": (["run"], "no workload given"),
     "missing data dir": (["run", "mnist", "--data", "/no/such/dir"], "not a directory"),
     "missing csv": (["run", "iris", "--data", "/no/such.csv"], "No such file"),

@@ -127,14 +127,17 @@ def test_gradient_accumulation_gives_the_same_steps(tmp_path):
     assert step_losses(tmp_path / "b") == pytest.approx(step_losses(tmp_path / "a"), rel=1e-5)
 
 
-def test_unreachable_hub_falls_back_to_scratch_and_says_so(tmp_path, monkeypatch, capsys):
+def test_unreachable_model_is_an_error_that_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    """No silent substitution: an unreachable --model stops before training and says what to do instead."""
+    from conftest import main
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    execute(RunConfig(workload="gpt2", model="gpt2", epochs=1, limit=4, batch_size=4, context=64, test_size=0.02,
-                      out=str(tmp_path / "r")))
-    said = capsys.readouterr().out
-    assert "--model gpt2: the Hugging Face hub is not reachable" in said and "(model_source: scratch)" in said
-    rec = record(tmp_path / "r")
-    assert rec["model_source"] == "scratch" and "not reachable" in rec["model_note"]
+    out = tmp_path / "r"
+    assert main("run", "gpt2", "--model", "gpt2", "--epochs", "1", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the hub is not reachable" in err[0]
+    assert "huggingface-cli download gpt2 --local-dir ./gpt2" in err[0] and "--model scratch" in err[0]
+    assert not (out / "record.json").exists()
 
 
 # -- the pass@k sandbox ---------------------------------------------------------------------------------

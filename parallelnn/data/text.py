@@ -74,6 +74,8 @@ class Problems:
     mapping: dict[str, str]  # field -> column
     dataset: str
     dropped: int = 0  # rows without any text in the mapped text fields
+    detected: tuple[str, ...] = ()  # fields whose column was recognised by name, not given in --columns
+    unused_text: tuple[str, ...] = ()  # columns holding text that no field uses
 
     @property
     def has_tests(self) -> bool:
@@ -240,7 +242,15 @@ def load_problems(data: str | None, columns: str | None) -> Problems:
         mapped = ", ".join(f"{k}={v}" for k, v in mapping.items() if k in TEXT_FIELDS)
         raise UserError(f"{table.source}: empty dataset: none of its {len(table.rows)} rows has text in "
                         f"the mapped columns ({mapped})")
-    return Problems(records, mapping, dataset, dropped)
+    explicit = parse_columns(columns)
+    used = set(mapping.values())
+    unused_text = tuple(c for c in table.columns if c not in used and _holds_text(table.rows, c))
+    return Problems(records, mapping, dataset, dropped, tuple(f for f in mapping if f not in explicit), unused_text)
+
+
+def _holds_text(rows: list[dict[str, Any]], column: str) -> bool:
+    """Whether a column holds words (some value with a space in it), not ids or numbers."""
+    return any(isinstance(r.get(column), str) and " " in r[column].strip() for r in rows[:200])
 
 
 # -- templates -------------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ class SequentialPlan:
             if dim % tp:
                 raise UserError(f"tensor-parallel degree {tp} does not divide layer {name}'s {dim} features")
 
+    def layers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(the layers this plan shards, the row-wise ones whose outputs are all-reduced)."""
+        plan, _ = sequential_pairs(model)
+        return ([getattr(model, n) for n in plan], [getattr(model, n) for n, s in plan.items() if s == "rowwise"])
+
     def apply(self, model: nn.Module, tp_mesh) -> dict[str, Any]:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -82,6 +87,10 @@ class NamedPlan:
             dim = layer.out_features if style == "colwise" else layer.in_features
             if dim % tp:
                 raise UserError(f"tensor-parallel degree {tp} does not divide layer {name}'s {dim} features")
+
+    def layers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        modules = dict(model.named_modules())
+        return ([modules[n] for n in self.styles], [modules[n] for n, s in self.styles.items() if s == "rowwise"])
 
     def apply(self, model: nn.Module, tp_mesh) -> dict[str, Any]:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module

@@ -30,6 +30,9 @@ BUILTIN = {
     "mnist": "parallelnn.workloads.mnist",
     "gpt2": "parallelnn.workloads.gpt2",
 }
+#: Options only some built-in workloads read (the others refuse them); a user's workload may read any.
+OPTIONS = {"iris": (), "mnist": ("download",),
+           "gpt2": ("model", "columns", "template", "test_size", "context", "warmup_steps", "eval_pass_at_k")}
 #: The settings the study used for its classifiers.
 STUDY_DEFAULTS = {"batch_size": 64, "lr": 1e-3, "log_every": 0, "max_grad_norm": 0.0}
 
@@ -53,6 +56,24 @@ def check_name(name: str | None) -> None:
         raise UserError(f"workload '{name}' is not of the form FILE.py:FUNCTION or package.module:FUNCTION")
     if where.endswith(".py") and not Path(where).is_file():
         raise UserError(f"workload '{name}': no file {where}")
+
+
+def foreign_options(name: str | None) -> set[str]:
+    """Options of other built-in workloads that ``name`` does not read (none for a user's workload)."""
+    if name not in BUILTIN:
+        return set()
+    return {o for opts in OPTIONS.values() for o in opts} - set(OPTIONS[name])
+
+
+def check_options(cfg) -> None:
+    """Refuse an option the workload does not read, naming the workloads that do."""
+    from parallelnn.config import FIELDS, option_name
+
+    for name in sorted(foreign_options(cfg.workload)):
+        if getattr(cfg, name) != FIELDS[name].default:
+            users = [w for w, opts in OPTIONS.items() if name in opts]
+            raise UserError(f"{option_name(name)} applies to the {' and '.join(users)} workload"
+                            f"{'s' if len(users) > 1 else ''} only, not {cfg.workload}")
 
 
 def builder(name: str) -> Callable[..., Workload]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from parallelnn.data import text
 from parallelnn.data.loaders import ArraySplit
-from parallelnn.errors import UserError
+from parallelnn.errors import UserError, warn
 from parallelnn.workloads import Workload, gpt2_parallel
 from parallelnn.workloads.tasks import LM, lm_loss
 from parallelnn.workloads.pretrained import check_vocab, complete, load_pretrained, max_positions, no_progress_bars
@@ -43,6 +43,7 @@ DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_
 # The offline default model: GPT-2's architecture, shrunk so that CPUs train it in seconds.
 SCRATCH = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}
 SCRATCH_VOCAB = 4096
+SCRATCH_NAME = "scratch"  # --model scratch: ask for the scratch model explicitly
 # Without dropout, runs with any number of ranks draw no random numbers in the forward pass and so
 # match the single-process losses exactly; a few epochs on a small model do not need it.
 SCRATCH_DROPOUT = 0.0
@@ -182,15 +183,12 @@ class LanguageModel:
     source: str  # "pretrained" or "scratch"
     name: str
     tokenizer_desc: str
-    note: str | None = None  # why a --model was not used
 
 
 def load_texts(cfg, log) -> Texts:
     problems = text.load_problems(cfg.data, cfg.columns)
     template = text.check_template(cfg.template, problems) if cfg.template else text.default_template(problems)
     train_records, test_records = text.split_records(problems.records, cfg.test_size, cfg.seed)
-    if problems.dropped:
-        log(f"{problems.dropped} rows without text in the mapped columns were left out")
     pass_problems = []
     if cfg.eval_pass_at_k:
         from parallelnn import sandbox
@@ -200,11 +198,26 @@ def load_texts(cfg, log) -> Texts:
             raise UserError("--eval-pass-at-k needs test problems with tests: map the test and entry_point "
                             "columns (HumanEval style), e.g. --columns test=test,entry_point=entry_point")
         sandbox.require_isolation()
+    say_columns(cfg, problems, log)
     return Texts(problems, template, [text.render(template, r) for r in train_records],
                  [text.render(template, r) for r in test_records], pass_problems)
 
 
-def scratch_lm(cfg, train_texts: list[str], note: str | None, log) -> LanguageModel:
+def say_columns(cfg, problems: text.Problems, log) -> None:
+    """Which columns were found by name, which rows were dropped, and which text is not trained on."""
+    if problems.dropped:
+        log(f"{problems.dropped} rows without text in the mapped columns were left out")
+    if problems.detected and cfg.data:
+        log("columns found by name: " + ", ".join(f"{f}={problems.mapping[f]}" for f in problems.detected)
+            + " (--columns FIELD=COLUMN to choose others)")
+    if problems.unused_text:
+        unused = problems.unused_text
+        warn(f"--data {cfg.data}: column{'s' if len(unused) > 1 else ''} {', '.join(unused)} "
+             f"hold{'s' if len(unused) == 1 else ''} text that is not trained on; map them to fields with --columns, "
+             "e.g. --columns statement=COL,input=COL,solution=COL")
+
+
+def scratch_lm(cfg, train_texts: list[str], log) -> LanguageModel:
     context = cfg.context or SCRATCH["n_positions"]
     if context > SCRATCH["n_positions"]:
         raise UserError(f"--context {context} is larger than the {SCRATCH['n_positions']} positions the "
@@ -213,20 +226,16 @@ def scratch_lm(cfg, train_texts: list[str], note: str | None, log) -> LanguageMo
     hf = scratch_model(len(tokenizer), tokenizer.eos_token_id, cfg.seed)
     name = "gpt2-scratch ({n_layer} layers, {n_embd} wide, {n_head} heads)".format(**SCRATCH)
     desc = f"byte-level BPE trained on the {len(train_texts)} training texts (vocab {len(tokenizer)})"
-    if note:
-        log(f"{note} (model_source: scratch)")
-    else:
-        log(f"no --model: training {name} from scratch, with a {desc}")
-    return LanguageModel(hf, tokenizer, context, "scratch", name, desc, note)
+    log(f"{'--model scratch' if cfg.model else 'no --model'}: training {name} from scratch, with a {desc}")
+    return LanguageModel(hf, tokenizer, context, "scratch", name, desc)
 
 
 def language_model(cfg, train_texts: list[str], log) -> LanguageModel:
-    """``--model`` when given and loadable, else the scratch model (saying why)."""
-    loaded = load_pretrained(cfg.model, fallback_ok=True) if cfg.model else None
-    if loaded is None:
-        note = (f"--model {cfg.model}: the Hugging Face hub is not reachable and the model is not in the local "
-                "cache, so a small GPT-2 is trained from scratch instead") if cfg.model else None
-        return scratch_lm(cfg, train_texts, note, log)
+    """``--model`` when given (an error when it cannot be loaded: never another model in its place), else the
+    scratch model (also ``--model scratch``)."""
+    if cfg.model in (None, SCRATCH_NAME):
+        return scratch_lm(cfg, train_texts, log)
+    loaded = load_pretrained(cfg.model)
     hf, tokenizer = loaded.model, loaded.tokenizer
     check_vocab(tokenizer, hf, f"--model {cfg.model}")
     limit = max_positions(hf.config)
@@ -257,10 +266,11 @@ def pack(texts: Texts, lm: LanguageModel, log) -> tuple[text.Packed, text.Packed
 def facts(texts: Texts, lm: LanguageModel, train: text.Packed, test: text.Packed, fused: int) -> dict[str, Any]:
     """What the record says about the data and model."""
     return {
-        "model_source": lm.source, "model": lm.name, "model_note": lm.note, "tokenizer": lm.tokenizer_desc,
+        "model_source": lm.source, "model": lm.name, "tokenizer": lm.tokenizer_desc,
         "vocab_size": len(lm.tokenizer), "context": lm.context,
         "parameters": sum(p.numel() for p in lm.hf.parameters()),
         "template": texts.template, "columns": texts.problems.mapping, "dropped_rows": texts.problems.dropped,
+        "columns_detected": list(texts.problems.detected), "unused_text_columns": list(texts.problems.unused_text),
         "train_texts": len(texts.train), "test_texts": len(texts.test),
         "train_windows": len(train.windows), "test_windows": len(test.windows),
         "train_stream_tokens": train.stream_tokens, "wrapped_tokens": train.wrapped_tokens,

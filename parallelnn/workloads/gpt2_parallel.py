@@ -99,6 +99,12 @@ class GPT2TensorPlan:
             if value % tp:
                 raise UserError(f"tensor-parallel degree {tp} does not divide GPT-2's {value} {what}")
 
+    def layers(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(the projections this plan shards, the row-wise ones whose outputs are all-reduced)."""
+        blocks = _gpt2(model).transformer.h
+        sharded = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        return sharded, [m for b in blocks for m in (b.attn.c_proj, b.mlp.c_proj)]
+
     def apply(self, model: nn.Module, tp_mesh) -> dict:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 

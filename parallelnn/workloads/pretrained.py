@@ -98,8 +98,10 @@ def _load_pretrained(name: str, what: str, fallback_ok: bool) -> Loaded | None:
     if not hub_reachable():
         if fallback_ok:
             return None
-        raise UserError(f"{what} {name}: not a local directory, not in the Hugging Face cache, and the hub "
-                        "is not reachable")
+        raise UserError(f"{what} {name}: not a local directory, not in the Hugging Face cache, and the hub is not "
+                        f"reachable: download it where the hub is (e.g. `huggingface-cli download {name} --local-dir "
+                        f"./{Path(name).name}`) and pass {what} ./{Path(name).name}, or leave {what} out (or say "
+                        f"{what} scratch) to train the small GPT-2 from scratch")
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)

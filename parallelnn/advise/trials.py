@@ -1,0 +1,111 @@
+"""Trials: short real runs of the most promising candidates, each an ordinary ``parallelnn run`` in its own
+process group, measured after warm-up. A trial that fails or hangs is recorded with its reason and skipped;
+it never stops the advice."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parallelnn.config import RunConfig, config_to_argv
+
+WARMUP_STEPS = 2  # not measured: first steps pay for allocation, kernel choice, pipeline shape inference
+MEASURED_STEPS = 4
+
+
+@dataclass
+class Candidate:
+    """One layout advise considers: a strategy at a process count, with its mesh and microbatches."""
+
+    strategy: str
+    nproc: int
+    mesh: str | None = None  # hybrid: "DPxN"
+    hybrid: str | None = None  # hybrid: what N does, "tensor" or "pipeline"
+    microbatches: int | None = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.strategy, f"x{self.nproc}"]
+        if self.mesh:
+            parts.append(f"{self.hybrid or 'tensor'}-{self.mesh}")
+        if self.microbatches:
+            parts.append(f"m{self.microbatches}")
+        return "-".join(parts)
+
+    def options(self) -> dict[str, Any]:
+        """The run options that make this layout."""
+        opts: dict[str, Any] = {"strategy": self.strategy, "nproc": self.nproc}
+        if self.mesh:
+            opts.update(mesh=self.mesh, hybrid=self.hybrid or "tensor")
+        if self.microbatches:
+            opts["microbatches"] = self.microbatches
+        return opts
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    command: str
+    step_seconds: float | None = None  # median of the measured steps
+    samples_per_second: float | None = None
+    tensor_bytes: int | None = None  # largest rank's parameters + gradients + optimizer + saved activations
+    peak_memory_bytes: int | None = None
+    startup_seconds: float | None = None
+    wall_seconds: float = 0.0
+    reason: str | None = None  # why it did not give a measurement
+
+
+def trial_config(cfg: RunConfig, candidate: Candidate, out: Path) -> RunConfig:
+    steps = WARMUP_STEPS + MEASURED_STEPS
+    return dataclasses.replace(cfg, **candidate.options(), limit=cfg.batch_size * steps, epochs=1, log_every=1,
+                               quiet=True, out=str(out), overwrite=True, checkpoint_every=None, resume=None,
+                               eval_every=None, baseline=None, tensorboard=False, eval_pass_at_k=None)
+
+
+def measured_steps(out: Path) -> list[float]:
+    """Seconds of each step after warm-up, from the run's step events (interval throughput per step)."""
+    seconds = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "step" and event.get("train/global_step", 0) > WARMUP_STEPS:
+            rate = event.get("train/samples_per_second")
+            if rate:
+                seconds.append(1.0 / rate)  # per sample; times the batch below
+    return seconds
+
+
+def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float) -> Trial:
+    tcfg = trial_config(cfg, candidate, out)
+    argv = ["run", *config_to_argv(tcfg)]
+    trial = Trial(candidate, "parallelnn " + " ".join(argv))
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "parallelnn", *argv], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        trial.wall_seconds = time.monotonic() - t0
+        trial.reason = f"did not finish within {timeout:.0f}s (hung or too slow); skipped"
+        return trial
+    trial.wall_seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        trial.reason = (lines[-1].removeprefix("parallelnn: error: ") if lines else f"exit status {proc.returncode}")
+        return trial
+    record = json.loads((out / "record.json").read_text())
+    per_sample = measured_steps(out)
+    if not per_sample:
+        trial.reason = "no step after warm-up was measured"
+        return trial
+    trial.step_seconds = statistics.median(per_sample) * cfg.batch_size
+    trial.samples_per_second = cfg.batch_size / trial.step_seconds
+    trial.tensor_bytes = record.get("tensor_bytes")
+    trial.peak_memory_bytes = record.get("peak_memory_bytes")
+    trial.startup_seconds = record.get("startup_seconds")
+    return trial
