@@ -6,13 +6,12 @@ Expected numbers are computed by hand in each test from round inputs, so a chang
 
 from __future__ import annotations
 
-import math
 import re
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from parallelnn import parallel
 from parallelnn.advise import costs
 from parallelnn.advise.costs import Candidate, Group, ModelStats, predict_step
@@ -98,7 +97,8 @@ def test_tensor_parallel_halves_only_the_sharded_fraction():
 
 
 def test_hybrid_divides_by_the_tensor_degree_once():
-    """DeepSpeed once divided ZeRO's memory estimate by the TP degree twice (deepspeedai/DeepSpeed#6796)."""
+    """DeepSpeed's autotuner shards ZeRO state over all GPUs and then divides by the TP degree again
+    (deepspeedai/DeepSpeed#6796, "double-dipping"): here FSDP shards over dp only, after TP took its 1/tp."""
     m = predict("hybrid", dp=2, tp=4).memory_breakdown
     tp_held = 1e9 * (0.2 + 0.8 / 4)  # 0.4e9 parameters per tp rank, then FSDP over dp=2
     assert m["parameters"] == pytest.approx(tp_held * 4 / 2)  # 0.8e9 bytes
@@ -123,6 +123,12 @@ def test_activation_recomputation_keeps_layer_inputs_and_costs_one_forward():
     # 10 layer inputs of 1 MB x 8 samples, plus one layer's activations (8 GB / 10) being recomputed.
     assert ckpt.memory_breakdown["activations"] == pytest.approx(8e7 + 8e8)
     assert ckpt.compute_seconds == pytest.approx(plain.compute_seconds * 4 / 3)
+    # Under tensor parallelism the layer inputs stay whole; the recomputed layer's are 0.6 of it.
+    tp = predict("tensor", tp=2, activation_checkpointing=True)
+    assert tp.memory_breakdown["activations"] == pytest.approx(8e7 + 8e9 * 0.6 / 10)
+    # In a pipeline stage (half the layers, 1F1B: 2 microbatches of 2 samples): 5 layer inputs + one layer.
+    pp = predict("pipeline", pp=2, microbatches=4, schedule="1f1b", activation_checkpointing=True)
+    assert pp.memory_breakdown["activations"] == pytest.approx(1e6 * 4 * 5 + 4 * 1e9 / 2 / 5)
 
 
 # -- time ---------------------------------------------------------------------------------------------

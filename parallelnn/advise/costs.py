@@ -230,14 +230,15 @@ def backward_seconds(inp: CostInputs, compute: float) -> float:
     return compute * (1 - FORWARD_SHARE)
 
 
-def activation_bytes(inp: CostInputs, samples: float, fraction: float = 1.0) -> float:
-    """Saved activations of ``fraction`` of the model for ``samples`` in flight. With recomputation:
-    each layer's input (the boundary activation) plus one layer's full activations being recomputed."""
+def activation_bytes(inp: CostInputs, samples: float, layer_share: float = 1.0, shard: float = 1.0) -> float:
+    """Saved activations for ``samples`` in flight of the ``layer_share`` of the layers a rank runs (a
+    pipeline stage), of which it keeps ``shard`` (tensor parallelism). With recomputation: each layer's
+    input (the boundary activation, whole) plus one layer's activations being recomputed."""
     s = inp.stats
-    full = s.activation_bytes_per_sample * samples * fraction
+    full = s.activation_bytes_per_sample * samples * layer_share * shard
     if not inp.candidate.activation_checkpointing:
         return full
-    layers = max(1.0, s.layers * fraction)
+    layers = max(1.0, s.layers * layer_share)
     return min(full, s.boundary_bytes_per_sample * samples * layers + full / layers)
 
 

@@ -76,19 +76,20 @@ def _h100(nodes: int, inter: Link, name: str, inter_note: str, nics: int = 1) ->
         name=name, device_type="cuda",
         peak_flops={"fp32": 66.9 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T},
         memory_bytes=int(80 * G), devices_per_node=8,
-        intra=Link(360 * G, 2 * US), inter=inter, matmul_efficiency=0.55, max_devices=8 * nodes,
+        intra=Link(370 * G, 2 * US), inter=inter, matmul_efficiency=0.55, max_devices=8 * nodes,
         notes=("H100 SXM5: dense peaks from NVIDIA's H100 datasheet (989 TFLOP/s bf16/fp16 without sparsity, "
                "495 tf32, 67 fp32); 80 GB HBM3 taken as 80e9 bytes usable (nvidia-smi shows 81,559 MiB; the "
                "rest is CUDA context and allocator slack). NVLink 4 via NVSwitch: 450 GB/s per direction "
-               "nameplate, 360 GB/s assumed achievable (nccl-tests all_reduce bus bandwidth on DGX H100 "
-               "without NVLS), 2 us per ring hop. matmul_efficiency 0.55: large bf16 GEMMs reach 60-75% of "
+               "nameplate; 370 GB/s effective after NCCL's protocol overhead (NCCL maintainer, "
+               "NVIDIA/nccl-tests#212), used for ring collectives; NVLink SHARP all-reduce can reach ~480 GB/s "
+               "bus bandwidth, not assumed. 2 us per ring hop. matmul_efficiency 0.55: large bf16 GEMMs reach 60-75% of "
                "peak, whole transformer layers (attention, elementwise ops not counted as FLOPs) less. "
                + inter_note), nics_per_node=nics)
 
 
 def _presets() -> dict[str, Hardware]:
     none = "One node: no inter-node link (inter = intra)."
-    h100_1 = _h100(1, Link(360 * G, 2 * US), "8xH100-nvlink", none)
+    h100_1 = _h100(1, Link(370 * G, 2 * US), "8xH100-nvlink", none)
     h100_2 = _h100(2, Link(45 * G, 5 * US), "2x8xH100-ib",
                    "InfiniBand: 8 x 400 Gb/s NDR NICs per node (one per GPU, rail-optimised) = 50 GB/s per GPU "
                    "nameplate, 45 GB/s assumed achievable; 5 us per hop.", nics=8)
@@ -100,7 +101,8 @@ def _presets() -> dict[str, Hardware]:
         notes=("A100 80GB PCIe: dense peaks from NVIDIA's A100 datasheet (312 TFLOP/s bf16/fp16, 156 tf32, 19.5 "
                "fp32); 80e9 bytes usable. No NVLink: GPUs talk over PCIe 4.0 x16 (32 GB/s per direction "
                "nameplate) through PCIe switches and across two CPU sockets; 12 GB/s assumed for NCCL bus "
-               "bandwidth (nccl-tests on such 8-GPU PCIe servers typically give 10-20 GB/s), 5 us per hop. "
+               "bandwidth: on PCIe systems the CPUs' root complexes and memory bound it (NVIDIA/nccl#1639), and "
+               "8-GPU PCIe servers report 10-25 GB/s depending on switches and sockets. 5 us per hop. "
                "matmul_efficiency 0.5: the 300 W PCIe card clocks lower than the SXM part under sustained "
                "GEMMs. One node: no inter-node link (inter = intra)."))
     v100 = Hardware(

@@ -20,12 +20,12 @@ from parallelnn.advise.costs import Candidate, ModelStats, Prediction, predict_s
 from parallelnn.advise.hardware import Hardware
 
 MODEL_ASSUMPTIONS = (
-    "predicted, not measured: compute = counted FLOPs / (peak x matmul efficiency); the optimizer step, "
-    "data loading and kernel launch gaps are not counted",
-    "collectives: NCCL ring formulas, hierarchical across nodes; inter-node bandwidth is each device's share "
-    "of its node's NICs (all devices of a node communicate at once)",
-    "memory: fp32 weights and gradients, Adam state (8 bytes/parameter unless stated), saved activations at "
-    "the compute dtype; CUDA context and allocator fragmentation not counted beyond the usable memory figure",
+    ("predicted, not measured: compute = counted FLOPs / (peak x matmul efficiency); the optimizer step, "
+     "data loading and kernel launch gaps are not counted"),
+    ("collectives: NCCL ring formulas, hierarchical across nodes; inter-node bandwidth is each device's share "
+     "of its node's NICs (all devices of a node communicate at once)"),
+    ("memory: fp32 weights and gradients, Adam state (8 bytes/parameter unless stated), saved activations at "
+     "the compute dtype; CUDA context and allocator fragmentation not counted beyond the usable memory figure"),
     "strong scaling: the same global batch at every device count",
 )
 
@@ -106,9 +106,9 @@ def predict_curves(stats: ModelStats, hw: Hardware, global_batch: int, dtype: st
 
 def plot_curves(table: Curves, path: Path) -> Path:
     """Predicted throughput (fastest feasible layout per strategy) and memory per rank against devices."""
-    from parallelnn.plots import _figure, _save
-
     import textwrap
+
+    from parallelnn.plots import _figure, _save
 
     fig = _figure(12, 5.8)
     notes = "\n".join(textwrap.fill(a, 170) for a in table.assumptions[:2])

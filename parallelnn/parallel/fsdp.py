@@ -79,9 +79,10 @@ def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_f
                                                       else buffers)
     return costs.StepCost(inner.compute_seconds, memory, inner.comm_seconds + comm,
                           inner.exposed_comm_seconds + exposed, inner.bubble_seconds, inner.problem,
-                          [*inner.assumptions, f"FSDP: parameters all-gathered {gathers:g}x per step and gradients "
-                           "reduce-scattered at the parameters' dtype (no mixed-precision policy), prefetch "
-                           "overlapping compute; the first block's gather is exposed"])
+                          [*inner.assumptions, (f"FSDP: parameters all-gathered {gathers:g}x per step and gradients "
+                                                "reduce-scattered at the parameters' dtype (no mixed-precision "
+                                                "policy), prefetch overlapping compute; the first block's gather "
+                                                "is exposed")])
 
 
 def cost(inp):

@@ -365,8 +365,8 @@ def cost(inp):
               "activations": costs.activation_bytes(inp, b / m * in_flight(c.schedule, p, m, v), 1 / p)}
     problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
     return costs.StepCost(compute, memory, p2p, p2p, compute * idle / (1 - idle), problem, [
-        "pipeline: stages balanced (1/p of FLOPs and parameters each, at least the largest layer); boundary "
-        "sends not overlapped; tied first/last-stage weights' gradient sum not counted"])
+        ("pipeline: stages balanced (1/p of FLOPs and parameters each, at least the largest layer); boundary "
+         "sends not overlapped; tied first/last-stage weights' gradient sum not counted")])
 
 
 def cost_candidates(world_size: int, global_batch: int, dp: int = 1) -> list[tuple[Layout, int | None, str | None]]:

@@ -124,10 +124,10 @@ def cost(inp):
     b = inp.per_rank_batch
     comm = costs.tensor_parallel_comm(inp, inp.group("tp"), b)
     memory = {**costs.model_state(inp, inp.stats.parameters * params),
-              "activations": costs.activation_bytes(inp, b, acts)}
+              "activations": costs.activation_bytes(inp, b, shard=acts)}
     return costs.StepCost(costs.compute_seconds(inp, b, flops), memory, comm, comm, assumptions=[
-        "tensor parallel: all-reduces not overlapped with compute (no sequence parallelism, no async TP); "
-        "replicated layers computed whole on every tp rank"])
+        ("tensor parallel: all-reduces not overlapped with compute (no sequence parallelism, no async TP); "
+         "replicated layers computed whole on every tp rank")])
 
 
 STRATEGY = Strategy(name="tensor", summary="DTensor tensor parallelism: Linear pairs sharded over ranks",
