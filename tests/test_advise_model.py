@@ -175,6 +175,15 @@ def test_pipeline_bubble_per_schedule():
             costs.pipeline_bubble(2, 4, 2 if schedule.startswith("inter") else 1), rel=0.01)
 
 
+def test_pipeline_boundary_transfers_within_and_across_nodes():
+    inside, across = 1e6 / 100e9 + 1e-6, 1e6 / 40e9 + 10e-6  # one sample's 1 MB boundary; a lone flow's NIC
+    p = predict("pipeline", pp=2, microbatches=8, schedule="1f1b")  # one node: 8 microbatches + 1 hop, fwd+bwd
+    assert p.exposed_comm_seconds == pytest.approx(2 * 8 * inside + 2 * inside)
+    p = predict("pipeline", pp=8, microbatches=8, schedule="1f1b")  # two nodes: 1 of the 7 hops crosses
+    assert p.exposed_comm_seconds == pytest.approx(2 * 8 * across + 2 * (6 * inside + across))
+    assert costs.microbatch_options(16, 4) == [4, 8, 16] and costs.microbatch_options(6, 4) == [3]
+
+
 def test_infeasible_layouts_say_why():
     assert predict("ddp", batch=6, dp=4).reason == "the global batch of 6 does not divide over 4 data-parallel ranks"
     assert "6 microbatches do not divide" in predict("pipeline", pp=2, microbatches=6, schedule="1f1b").reason

@@ -322,8 +322,10 @@ def microbatch_options(per_rank_batch: float, stages: int) -> list[int]:
     """Microbatch counts worth trying: stages, 2x and 4x stages where they divide the per-rank batch (else
     the largest divisor of the batch up to the stages, so there is one)."""
     b = int(per_rank_batch)
-    found = [m for m in (stages, 2 * stages, 4 * stages) if b >= m and b % m == 0]
-    return found or [max(m for m in range(1, max(1, min(b, stages)) + 1) if b % m == 0)] if b >= 1 else [1]
+    if b < 1:
+        return [1]
+    found = [m for m in (stages, 2 * stages, 4 * stages) if b % m == 0]
+    return found or [max(m for m in range(1, min(b, stages) + 1) if b % m == 0)]
 
 
 # -- the prediction -------------------------------------------------------------------------------------
