@@ -59,6 +59,18 @@ def no_check(cfg: RunConfig, workload: Workload, layout: Layout) -> None:
 
 
 @dataclass(frozen=True)
+class CostModel:
+    """How ``parallelnn advise`` predicts a strategy without running it (built from the blocks of
+    :mod:`parallelnn.advise.costs`, imported inside the functions: discovering the registry stays cheap)."""
+
+    #: (world size, global batch) -> the settings worth predicting at that size: (layout, microbatches or
+    #: None, pipeline schedule or None) each.
+    candidates: Callable[[int, int], list[tuple[Layout, int | None, str | None]]]
+    #: ``costs.CostInputs`` -> ``costs.StepCost``: one step's compute, communication, bubble and memory per rank.
+    step: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
 class Strategy:
     """One way of spreading training over processes; each module of this package defines one."""
 
@@ -82,6 +94,8 @@ class Strategy:
     order: int = 50
     #: nproc -> extra ``run`` arguments for ``bench scaling`` at that size, or None to leave it out.
     bench_args: Callable[[int], list[str] | None] | None = None
+    #: How ``advise`` predicts this strategy's memory and step time; None leaves it out of predictions.
+    cost: CostModel | None = None
 
     @property
     def needs_process_group(self) -> bool:

@@ -4,7 +4,7 @@ global batch; gradients are all-reduced (averaged) during backward, bucketed and
 from __future__ import annotations
 
 from parallelnn.launch import make_mesh
-from parallelnn.parallel import Layout, Strategy, data_parallel
+from parallelnn.parallel import CostModel, Layout, Strategy, data_parallel
 from parallelnn.parallel.engine import Engine
 
 
@@ -19,5 +19,23 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
                   no_sync=wrapped.no_sync, describe={"mesh": layout.mesh()})
 
 
+def cost(inp):
+    """A whole replica per rank; gradients all-reduced in buckets during backward (only what outlasts the
+    backward, and the last bucket, is exposed). DDP keeps its buckets as a copy of the gradients
+    (``gradient_as_bucket_view=False``, the default)."""
+    from parallelnn.advise import costs
+
+    step = costs.replica(inp)
+    if inp.layout.dp > 1:
+        grads = step.memory["gradients"]
+        step.comm_seconds, step.exposed_comm_seconds = costs.ddp_sync(
+            inp, inp.group("dp"), grads, costs.backward_seconds(inp, step.compute_seconds))
+        step.memory["buffers"] = grads
+        step.assumptions.append("DDP: gradient buckets (25 MB) all-reduced at the parameters' dtype during "
+                                "backward; bucket memory = a copy of the gradients")
+    return step
+
+
 STRATEGY = Strategy(name="ddp", summary="DistributedDataParallel: whole model per rank, gradients all-reduced",
-                    layout=data_parallel, apply=apply, order=10)
+                    layout=data_parallel, apply=apply, order=10,
+                    cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost))

@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from parallelnn.launch import make_mesh
-from parallelnn.parallel import Layout, Strategy, data_parallel
+from parallelnn.parallel import CostModel, Layout, Strategy, data_parallel
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
 
@@ -60,5 +60,37 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
                             "sharded_blocks": len(blocks_of(model, workload))})
 
 
+def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_fraction: float = 1.0,
+            buffers: float | None = None):
+    """``inner`` (the cost of one rank of one model copy, holding ``held_parameters`` whole) with FSDP over
+    the layout's dp ranks: parameters, gradients and optimizer state divided by dp; the parameters gathered
+    ``gathers`` times (forward, and again in backward after resharding) and the gradients reduce-scattered,
+    overlapped with the compute by prefetching; the largest block (``block_fraction`` of it held) unsharded
+    twice (computing, prefetched) plus its unsharded gradient (or ``buffers`` bytes, when the caller knows)."""
+    from parallelnn.advise import costs
+
+    dp = inp.layout.dp
+    if dp <= 1:
+        return inner
+    held = held_parameters * inp.stats.bytes_per_parameter
+    comm, exposed = costs.fsdp_sync(inp, inp.group("dp"), held, held, inner.compute_seconds, gathers, block_fraction)
+    memory = {k: v / dp if k in ("parameters", "gradients", "optimizer") else v for k, v in inner.memory.items()}
+    memory["buffers"] = memory.get("buffers", 0.0) + (costs.fsdp_buffers(inp, block_fraction) if buffers is None
+                                                      else buffers)
+    return costs.StepCost(inner.compute_seconds, memory, inner.comm_seconds + comm,
+                          inner.exposed_comm_seconds + exposed, inner.bubble_seconds, inner.problem,
+                          [*inner.assumptions, (f"FSDP: parameters all-gathered {gathers:g}x per step and gradients "
+                                                "reduce-scattered at the parameters' dtype (no mixed-precision "
+                                                "policy), prefetch overlapping compute; the first block's gather "
+                                                "is exposed")])
+
+
+def cost(inp):
+    from parallelnn.advise import costs
+
+    return sharded(inp, costs.replica(inp), inp.stats.parameters)
+
+
 STRATEGY = Strategy(name="fsdp", summary="FSDP2 fully_shard (ZeRO-3): parameters, gradients, optimizer sharded",
-                    layout=data_parallel, apply=apply, options=("reshard_after_forward",), order=20)
+                    layout=data_parallel, apply=apply, options=("reshard_after_forward",), order=20,
+                    cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from parallelnn.errors import UserError
 from parallelnn.launch import make_mesh
-from parallelnn.parallel import Layout, Strategy, fsdp, parse_mesh, pipeline, tensor
+from parallelnn.parallel import CostModel, Layout, Strategy, fsdp, parse_mesh, pipeline, tensor
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
 
@@ -45,7 +45,41 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
                   no_sync=fsdp.no_sync_of(model), describe={"mesh": layout.mesh(), **described})
 
 
+def cost(inp):
+    """The inner strategy's cost for one dp row, then FSDP over dp (whose groups span nodes once the inner
+    dimension fills a node). Pipeline stages under FSDP: torch.distributed.pipelining keeps a stage's
+    parameters unsharded through backward and its gradients unsharded until the last microbatch
+    (``set_reshard_after_backward(False)``, ``set_requires_gradient_sync(False)``), and resharding after each
+    forward re-gathers about once per microbatch."""
+    from parallelnn.advise import costs
+
+    if inp.layout.pp > 1:
+        _, _, m = pipeline.shape_of(inp)
+        held = pipeline.stage_parameters(inp.stats, inp.layout.pp)
+        step = fsdp.sharded(inp, pipeline.cost(inp), held, gathers=m + 1,
+                            buffers=2 * held * inp.stats.bytes_per_parameter if inp.layout.dp > 1 else 0.0)
+        step.assumptions.append("hybrid pipeline: parameters re-gathered ~once per microbatch (+1); unsharded "
+                                "stage parameters and gradients held through the step")
+        return step
+    params, _, _ = costs.tp_fractions(inp.stats, inp.layout.tp)
+    return fsdp.sharded(inp, tensor.cost(inp), inp.stats.parameters * params, block_fraction=params)
+
+
+def factor_pairs(n: int) -> list[tuple[int, int]]:
+    """(dp, inner) with both above 1: 16 -> (2, 8), (4, 4), (8, 2)."""
+    return [(d, n // d) for d in range(2, n // 2 + 1) if n % d == 0]
+
+
+def cost_candidates(world_size: int, global_batch: int):
+    found = []
+    for dp, inner in factor_pairs(world_size):
+        found.append((Layout(dp=dp, tp=inner), None, None))
+        found += pipeline.cost_candidates(world_size, global_batch, dp=dp)
+    return found
+
+
 STRATEGY = Strategy(name="hybrid", summary="a 2-D mesh: tensor (or pipeline) parallel inside, FSDP across",
                     layout=layout, apply=apply, check=check, min_nproc=2,
                     options=("mesh", "hybrid", "reshard_after_forward", "schedule", "microbatches", "split"),
-                    order=50, bench_args=lambda n: ["--mesh", f"{n // 2}x2"] if n >= 4 and n % 2 == 0 else None)
+                    order=50, bench_args=lambda n: ["--mesh", f"{n // 2}x2"] if n >= 4 and n % 2 == 0 else None,
+                    cost=CostModel(candidates=cost_candidates, step=cost))

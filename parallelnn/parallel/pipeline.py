@@ -20,7 +20,7 @@ from torch import nn
 
 from parallelnn.errors import UserError
 from parallelnn.launch import make_mesh
-from parallelnn.parallel import Layout, Strategy, parse_split
+from parallelnn.parallel import CostModel, Layout, Strategy, parse_split
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
 VIRTUAL = {"interleaved-1f1b": 2}  # stages per rank
@@ -329,10 +329,61 @@ def tie_first_and_last(stages: Stages, names: set[str], mesh) -> Tied:
     return Tied(list({id(p): p for p in params}.values()), group)
 
 
+# -- cost model (parallelnn advise) ----------------------------------------------------------------------
+
+def shape_of(inp) -> tuple[int, int, int]:
+    """(stages p, virtual stages per rank v, microbatches m) of a candidate."""
+    p, v = inp.layout.pp, VIRTUAL.get(inp.candidate.schedule, 1)
+    return p, v, inp.candidate.microbatches or default_microbatches(max(1, int(inp.per_rank_batch)), p * v)
+
+
+def in_flight(schedule: str | None, p: int, m: int, v: int) -> float:
+    """Microbatches whose activations the first stage holds at once: GPipe all m; 1F1B up to p; interleaved
+    1F1B p + (p-1)/v (its warm-up runs ahead by whole rounds of chunks; Narayanan et al. 2021)."""
+    if schedule == "gpipe":
+        return m
+    return min(m, p + (p - 1) / v) if v > 1 else min(m, p)
+
+
+def stage_parameters(stats, p: int) -> float:
+    """Parameters of a rank's stages: an even share, at least the largest layer."""
+    return max(stats.parameters / p, min(stats.largest_layer_parameters, stats.parameters))
+
+
+def cost(inp):
+    """A rank computes 1/p of the model for every microbatch; the schedule's bubble idles it
+    (p-1)/(v*m+p-1) of the step; boundary activations are sent forward and their gradients back."""
+    from parallelnn.advise import costs
+
+    s, c = inp.stats, inp.candidate
+    p, v, m = shape_of(inp)
+    b = inp.per_rank_batch
+    compute = costs.compute_seconds(inp, b, 1 / p)
+    idle = costs.pipeline_bubble(p, m, v)
+    p2p = costs.pipeline_p2p(inp, inp.group("pp"), b / m, m, v)
+    memory = {**costs.model_state(inp, stage_parameters(s, p)),
+              "activations": costs.activation_bytes(inp, b / m * in_flight(c.schedule, p, m, v), 1 / p)}
+    problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
+    return costs.StepCost(compute, memory, p2p, p2p, compute * idle / (1 - idle), problem, [
+        ("pipeline: stages balanced (1/p of FLOPs and parameters each, at least the largest layer); boundary "
+         "sends not overlapped; tied first/last-stage weights' gradient sum not counted")])
+
+
+def cost_candidates(world_size: int, global_batch: int, dp: int = 1) -> list[tuple[Layout, int | None, str | None]]:
+    """Every schedule with a few microbatch counts (pp, 2pp, 4pp that divide the per-rank batch)."""
+    from parallelnn.advise import costs
+    from parallelnn.config import SCHEDULES
+
+    pp = world_size // dp
+    return [(Layout(dp=dp, pp=pp), m, schedule) for schedule in SCHEDULES
+            for m in costs.microbatch_options(global_batch // dp, pp)]
+
+
 def _pipeline_layout(cfg, world_size: int) -> Layout:
     return Layout(pp=world_size)
 
 
 STRATEGY = Strategy(name="pipeline", summary="torch.distributed.pipelining: consecutive layers as stages",
                     layout=_pipeline_layout, apply=apply, check=check, min_nproc=2,
-                    options=("schedule", "microbatches", "split"), order=30)
+                    options=("schedule", "microbatches", "split"), order=30,
+                    cost=CostModel(candidates=cost_candidates, step=cost))

@@ -17,7 +17,7 @@ from torch import nn
 
 from parallelnn.errors import UserError
 from parallelnn.launch import make_mesh
-from parallelnn.parallel import Layout, Strategy
+from parallelnn.parallel import CostModel, Layout, Strategy
 from parallelnn.parallel.engine import Engine
 
 
@@ -123,6 +123,23 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
                   describe={"mesh": layout.mesh(), **described})
 
 
+def cost(inp):
+    """Megatron-style: the sharded fraction of parameters, FLOPs and activations over tp ranks, the rest
+    replicated; each TP forward and backward all-reduces full activations, on the critical path. Every tp
+    rank trains on the whole per-rank batch."""
+    from parallelnn.advise import costs
+
+    params, flops, acts = costs.tp_fractions(inp.stats, inp.layout.tp)
+    b = inp.per_rank_batch
+    comm = costs.tensor_parallel_comm(inp, inp.group("tp"), b)
+    memory = {**costs.model_state(inp, inp.stats.parameters * params),
+              "activations": costs.activation_bytes(inp, b, shard=acts)}
+    return costs.StepCost(costs.compute_seconds(inp, b, flops), memory, comm, comm, assumptions=[
+        ("tensor parallel: all-reduces not overlapped with compute (no sequence parallelism, no async TP); "
+         "replicated layers computed whole on every tp rank")])
+
+
 STRATEGY = Strategy(name="tensor", summary="DTensor tensor parallelism: Linear pairs sharded over ranks",
                     layout=lambda cfg, world_size: Layout(tp=world_size), apply=apply, check=check,
-                    min_nproc=2, order=40)
+                    min_nproc=2, order=40,
+                    cost=CostModel(candidates=lambda n, batch: [(Layout(tp=n), None, None)], step=cost))
