@@ -18,7 +18,7 @@ from parallelnn.errors import EXIT_USER_ERROR, UserError, report_user_error
 
 
 # Modules that add a verb besides ``run`` (each has ``add_parser(verbs)``).
-VERBS = ("bench", "report", "info", "generate")
+VERBS = ("bench", "report", "info", "generate", "advise.advisor")
 
 
 class Parser(argparse.ArgumentParser):

@@ -259,7 +259,7 @@ def ddp_sync(inp: CostInputs, group: Group, grad_bytes: float, overlap: float) -
     outlasts the ``overlap`` window is exposed, plus the last bucket (ready when backward ends)."""
     comm = all_reduce(inp.hw, group, grad_bytes)
     last = all_reduce(inp.hw, group, min(grad_bytes, DDP_BUCKET_BYTES))
-    return comm, max(0.0, comm - overlap) + last
+    return comm, max(0.0, comm - overlap * inp.hw.comm_overlap) + min(last, comm)
 
 
 def fsdp_sync(inp: CostInputs, group: Group, param_bytes: float, grad_bytes: float, overlap: float,
@@ -271,7 +271,7 @@ def fsdp_sync(inp: CostInputs, group: Group, param_bytes: float, grad_bytes: flo
     comm = gathers * all_gather(inp.hw, group, param_bytes) + reduce_scatter(inp.hw, group, grad_bytes)
     largest = inp.stats.largest_layer_parameters * inp.stats.bytes_per_parameter * block_fraction
     first = all_gather(inp.hw, group, min(param_bytes, largest))
-    return comm, max(0.0, comm - overlap) + first
+    return comm, max(0.0, comm - overlap * inp.hw.comm_overlap) + min(first, comm)
 
 
 def fsdp_buffers(inp: CostInputs, block_fraction: float = 1.0) -> float:

@@ -52,6 +52,9 @@ class Hardware:
     notes: str = ""
     #: NICs per node: a lone cross-node flow (a pipeline boundary) gets one NIC, not the node's all.
     nics_per_node: int = 1
+    #: Share of the compute a collective started during backward (DDP buckets, FSDP prefetch) can hide
+    #: behind: 1 on GPUs (NCCL runs on its own streams); on CPUs gloo's threads take the cores that compute.
+    comm_overlap: float = 1.0
 
     @property
     def nodes(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -14,39 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from parallelnn import parallel
+from parallelnn.advise.costs import Candidate
 from parallelnn.config import RunConfig, config_to_argv
 
 WARMUP_STEPS = 2  # not measured: first steps pay for allocation, kernel choice, pipeline shape inference
 MEASURED_STEPS = 4
 
 
-@dataclass
-class Candidate:
-    """One layout advise considers: a strategy at a process count, with its mesh and microbatches."""
-
-    strategy: str
-    nproc: int
-    mesh: str | None = None  # hybrid: "DPxN"
-    hybrid: str | None = None  # hybrid: what N does, "tensor" or "pipeline"
-    microbatches: int | None = None
-
-    @property
-    def name(self) -> str:
-        parts = [self.strategy, f"x{self.nproc}"]
-        if self.mesh:
-            parts.append(f"{self.hybrid or 'tensor'}-{self.mesh}")
-        if self.microbatches:
-            parts.append(f"m{self.microbatches}")
-        return "-".join(parts)
-
-    def options(self) -> dict[str, Any]:
-        """The run options that make this layout."""
-        opts: dict[str, Any] = {"strategy": self.strategy, "nproc": self.nproc}
-        if self.mesh:
-            opts.update(mesh=self.mesh, hybrid=self.hybrid or "tensor")
-        if self.microbatches:
-            opts["microbatches"] = self.microbatches
-        return opts
+def run_options(candidate: Candidate) -> dict[str, Any]:
+    """The ``run`` options that make ``candidate``'s layout (each strategy says its own)."""
+    strategy = parallel.get(candidate.strategy)
+    opts: dict[str, Any] = {"strategy": candidate.strategy, "nproc": candidate.layout.world_size,
+                            **strategy.run_options(candidate.layout)}
+    if candidate.microbatches and "microbatches" in strategy.options:
+        opts["microbatches"] = candidate.microbatches
+    if candidate.schedule and "schedule" in strategy.options:
+        opts["schedule"] = candidate.schedule
+    return opts
 
 
 @dataclass
@@ -62,9 +48,13 @@ class Trial:
     reason: str | None = None  # why it did not give a measurement
 
 
-def trial_config(cfg: RunConfig, candidate: Candidate, out: Path) -> RunConfig:
+def trial_config(cfg: RunConfig, candidate: Candidate, out: Path, train_samples: int) -> RunConfig:
+    """The run of a trial: enough samples for the warm-up and measured steps (more epochs when the training
+    split is smaller than that), every step logged, nothing else."""
     steps = WARMUP_STEPS + MEASURED_STEPS
-    return dataclasses.replace(cfg, **candidate.options(), limit=cfg.batch_size * steps, epochs=1, log_every=1,
+    limit = min(cfg.batch_size * steps, train_samples)
+    epochs = math.ceil(steps / math.ceil(limit / cfg.batch_size))
+    return dataclasses.replace(cfg, **run_options(candidate), limit=limit, epochs=epochs, log_every=1,
                                quiet=True, out=str(out), overwrite=True, checkpoint_every=None, resume=None,
                                eval_every=None, baseline=None, tensorboard=False, eval_pass_at_k=None)
 
@@ -81,8 +71,8 @@ def measured_steps(out: Path) -> list[float]:
     return seconds
 
 
-def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float) -> Trial:
-    tcfg = trial_config(cfg, candidate, out)
+def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float, train_samples: int) -> Trial:
+    tcfg = trial_config(cfg, candidate, out, train_samples)
     argv = ["run", *config_to_argv(tcfg)]
     trial = Trial(candidate, "parallelnn " + " ".join(argv))
     t0 = time.monotonic()

@@ -92,6 +92,9 @@ class Strategy:
     options: tuple[str, ...] = ()
     #: Position in tables, plots and help (then the name).
     order: int = 50
+    #: Layout -> the run options that make it (the inverse of ``layout``; e.g. hybrid's --mesh), for advise's
+    #: trials.
+    run_options: Callable[[Layout], dict[str, Any]] = lambda layout: {}
     #: nproc -> extra ``run`` arguments for ``bench scaling`` at that size, or None to leave it out.
     bench_args: Callable[[int], list[str] | None] | None = None
     #: How ``advise`` predicts this strategy's memory and step time; None leaves it out of predictions.

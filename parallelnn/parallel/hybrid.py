@@ -25,6 +25,12 @@ def layout(cfg, world_size: int) -> Layout:
     return Layout(dp=dp, pp=other) if cfg.hybrid == "pipeline" else Layout(dp=dp, tp=other)
 
 
+def run_options(layout: Layout) -> dict:
+    """The inverse of :func:`layout`: the options that make this 2-D layout."""
+    inner = "pipeline" if layout.pp > 1 else "tensor"
+    return {"mesh": f"{layout.dp}x{layout.pp * layout.tp}", "hybrid": inner}
+
+
 def check(cfg, workload, layout: Layout) -> None:
     (pipeline.check if layout.pp > 1 else tensor.check)(cfg, workload, layout)
 
@@ -81,5 +87,5 @@ def cost_candidates(world_size: int, global_batch: int):
 STRATEGY = Strategy(name="hybrid", summary="a 2-D mesh: tensor (or pipeline) parallel inside, FSDP across",
                     layout=layout, apply=apply, check=check, min_nproc=2,
                     options=("mesh", "hybrid", "reshard_after_forward", "schedule", "microbatches", "split"),
-                    order=50, bench_args=lambda n: ["--mesh", f"{n // 2}x2"] if n >= 4 and n % 2 == 0 else None,
+                    order=50, run_options=run_options, bench_args=lambda n: ["--mesh", f"{n // 2}x2"] if n >= 4 and n % 2 == 0 else None,
                     cost=CostModel(candidates=cost_candidates, step=cost))
