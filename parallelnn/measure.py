@@ -267,12 +267,26 @@ class TensorBytes:
         self._hooks = None
         self._live: dict[int, list] = {}  # storage pointer -> [bytes, references]
         self._current = self._peak = 0
+        self._params: set[int] = set()  # storages of parameters: saved for backward, but counted as parameters
+        self.depth = 0  # > 0 while inside the modules a caller marks (see advise.stats)
+        self.inside = 0  # bytes first saved while inside them
 
-    def before_step(self, step: int) -> None:
-        if step != self.step:
-            return
+    def start(self, parameters=()) -> None:
+        """Count from now on (``parameters``: tensors whose storage is not an activation)."""
+        self._params = {_storage_ptr(p) for p in parameters}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
+
+    def stop(self) -> int:
+        """Stop counting; the peak of saved activation bytes."""
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+        return self._peak
+
+    def before_step(self, step: int, parameters=()) -> None:
+        if step == self.step:
+            self.start(parameters)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         import weakref
@@ -282,6 +296,10 @@ class TensorBytes:
             key, size = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without a plain storage
             return t
+        if key in self._params:
+            return t
+        if self.depth and key not in self._live:
+            self.inside += size
         entry = self._live.setdefault(key, [size, 0])
         if entry[1] == 0:
             self._current += size
@@ -302,8 +320,7 @@ class TensorBytes:
     def after_step(self, step: int, engine) -> None:
         if self._hooks is None or step != self.step:
             return
-        self._hooks.__exit__(None, None, None)
-        self._hooks = None
+        self.stop()
         params = engine.parameters()
         state = engine.optimizer.state
         self.result = {
@@ -314,6 +331,14 @@ class TensorBytes:
             "activations": self._peak,
         }
         self.result["total"] = sum(self.result.values())
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    try:
+        return local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return -1
 
 
 def _local_bytes(t: torch.Tensor) -> int:

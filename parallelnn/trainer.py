@@ -333,7 +333,7 @@ class Trainer:
             if self.comm_probe:
                 self.comm_probe.before_step(s.global_step + 1)
             self._at(1)
-            self.tensor_bytes.before_step(s.global_step + 1)
+            self.tensor_bytes.before_step(s.global_step + 1, engine.parameters())
             loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
             self.tensor_bytes.after_step(s.global_step + 1, engine)
             if self.comm_probe:

@@ -31,10 +31,11 @@ from parallelnn.advise.stats import model_stats
 from parallelnn.errors import UserError
 
 MAX_TRIALS = 8
-# Layout options advise chooses itself: giving them would contradict the advice.
-CHOSEN = ("strategy", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout", "max_restarts", "mesh",
-          "hybrid", "microbatches", "schedule", "split", "resume", "checkpoint_every", "checkpoint_dir", "keep",
-          "baseline", "eval_every", "tensorboard")
+# Options advise chooses itself (the layout: strategy, processes and every strategy's own options) or that
+# trials do not use: giving them would contradict the advice.
+CHOSEN = ("strategy", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout", "max_restarts", "resume",
+          "checkpoint_every", "checkpoint_dir", "keep", "baseline", "eval_every", "tensorboard",
+          *sorted(parallel.strategy_options()))
 ADVICE = "advice.json"
 
 

@@ -21,17 +21,24 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Peak bytes of tensors autograd keeps for backward during one forward + backward of ``(x, y)``."""
+def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor,
+                           marked: list[nn.Module] = ()) -> tuple[int, int]:
+    """(peak bytes of tensors autograd keeps for backward during one forward + backward of ``(x, y)``,
+    not counting parameters; of those, the bytes first saved inside the ``marked`` modules)."""
     probe = measure.TensorBytes(step=1)
-    probe.before_step(1)
+    handles = []
+    for m in marked:
+        handles.append(m.register_forward_pre_hook(lambda *_: setattr(probe, "depth", probe.depth + 1)))
+        handles.append(m.register_forward_hook(lambda *_: setattr(probe, "depth", probe.depth - 1)))
+    probe.start(list(model.parameters()))
     try:
         loss(model(x), y).backward()
     finally:
-        probe._hooks.__exit__(None, None, None)
-        probe._hooks = None
+        peak = probe.stop()
+        for h in handles:
+            h.remove()
     model.zero_grad(set_to_none=True)
-    return probe._peak
+    return peak, probe.inside
 
 
 def _batch(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +70,8 @@ def model_stats(workload, batch: int = 8) -> dict[str, Any]:
     x, y = _batch(workload.train, batch)
     n = len(x)
     half = max(1, n // 2)
-    small = saved_activation_bytes(model, workload.loss, x[:half], y[:half])
-    full = saved_activation_bytes(model, workload.loss, x, y)
+    small, _ = saved_activation_bytes(model, workload.loss, x[:half], y[:half])
+    full, _ = saved_activation_bytes(model, workload.loss, x, y)
     per_sample = (full - small) / (n - half) if n > half else full / n
     layers = workload.layers(model) if workload.layers is not None else [
         m for m in model.children() if _params(m)] or [model]
@@ -78,23 +85,35 @@ def model_stats(workload, batch: int = 8) -> dict[str, Any]:
         "largest_layer_parameters": max(_params(m) for m in layers),
         "boundary_bytes_per_sample": float(max(boundaries[:-1] or boundaries)),
         "tokens_per_sample": workload.tokens_per_sample,
-        **tensor_parallel_figures(workload, model, x[:1]),
+        **tensor_parallel_figures(workload, model, x, y),
     }
     return stats
 
 
-def tensor_parallel_figures(workload, model: nn.Module, one: torch.Tensor) -> dict[str, float]:
-    """The share of parameters a tensor-parallel plan shards, and the bytes its row-wise layers all-reduce per
-    sample in a forward (the backward all-reduces as much at the column-wise layers' inputs)."""
+def tensor_parallel_figures(workload, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """What a tensor-parallel plan divides: the share of the parameters, of the FLOPs and of the saved
+    activations that are in the layers it shards, and the bytes its row-wise layers all-reduce per sample in
+    a forward (the backward all-reduces as much at the column-wise layers' inputs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from parallelnn.errors import UserError
     from parallelnn.parallel.tensor import plan_of
 
-    plan = plan_of(workload)
     try:
-        sharded, reduced = plan.layers(model)
-    except (UserError, AttributeError):
+        sharded, reduced = plan_of(workload).layers(model)
+    except (UserError, AttributeError, NotImplementedError):
         return {"tp_sharded_fraction": 0.0, "tp_allreduce_bytes_per_sample": 0.0}
     total = _params(model) or 1
-    reduced_bytes = sum(_output_bytes(reduced, lambda: model(one)))
+    reduced_bytes = sum(_output_bytes(reduced, lambda: model(x[:1])))
+    all_saved, inside = saved_activation_bytes(model, workload.loss, x, y, sharded)
+    with FlopCounterMode(display=False) as counter:
+        workload.loss(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    by_module = counter.get_flop_counts()
+    names = {id(m): n for n, m in model.named_modules()}
+    root = type(model).__name__
+    in_sharded = sum(sum(by_module.get(f"{root}.{names[id(m)]}", {}).values()) for m in sharded)
     return {"tp_sharded_fraction": sum(_params(m) for m in sharded) / total,
-            "tp_allreduce_bytes_per_sample": float(reduced_bytes)}
+            "tp_sharded_flops_fraction": in_sharded / max(counter.get_total_flops(), 1),
+            "tp_sharded_activation_fraction": inside / all_saved if all_saved else 0.0,
+            "tp_allreduce_bytes_per_sample": float(reduced_bytes), "tp_allreduce_calls": len(reduced)}

@@ -13,16 +13,17 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
 
     mesh = make_mesh((layout.dp,), ("dp",), ctx.device)
     model = model.to(ctx.device)
+    # Gradients as views into DDP's all-reduce buckets: no second copy of the gradients (same values).
     wrapped = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                      process_group=mesh.get_group("dp"))
+                                      process_group=mesh.get_group("dp"), gradient_as_bucket_view=True)
     return Engine(wrapped, workload, cfg, ctx.device, total_steps, dp_rank=mesh.get_local_rank(), dp_size=layout.dp,
                   no_sync=wrapped.no_sync, describe={"mesh": layout.mesh()})
 
 
 def cost(inp):
     """A whole replica per rank; gradients all-reduced in buckets during backward (only what outlasts the
-    backward, and the last bucket, is exposed). DDP keeps its buckets as a copy of the gradients
-    (``gradient_as_bucket_view=False``, the default)."""
+    backward, and the last bucket, is exposed). The gradients are views into DDP's buckets
+    (``gradient_as_bucket_view=True``), so the buckets cost no second copy."""
     from parallelnn.advise import costs
 
     step = costs.replica(inp)
@@ -30,9 +31,8 @@ def cost(inp):
         grads = step.memory["gradients"]
         step.comm_seconds, step.exposed_comm_seconds = costs.ddp_sync(
             inp, inp.group("dp"), grads, costs.backward_seconds(inp, step.compute_seconds))
-        step.memory["buffers"] = grads
         step.assumptions.append("DDP: gradient buckets (25 MB) all-reduced at the parameters' dtype during "
-                                "backward; bucket memory = a copy of the gradients")
+                                "backward; the gradients are views into the buckets (no second copy)")
     return step
 
 
