@@ -256,36 +256,44 @@ class TensorBytes:
 
     The activation peak is counted with ``torch.autograd.graph.saved_tensors_hooks`` on one step: each
     saved tensor's storage counts once while any saved tensor still uses it (a weak reference notices its
-    release). This is the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
+    release), at its size when backward reads saved tensors (sampled then: storages a wrapper freed after
+    saving, like FSDP's resharded weights, count as what they hold, nothing). Storages of parameters count
+    as parameters. This is the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
     allocator's and the framework's own memory, temporaries not saved for backward and communication
     buffers (the resident-set peak, ``peak_memory_bytes``, includes them).
     """
 
-    def __init__(self, step: int = 2):
-        self.step = step
+    def __init__(self, step: int = 2, steps: int = 1):
+        """Counts steps ``step`` .. ``step + steps - 1``, keeping the largest (an epoch's short last batch
+        may be one of them)."""
+        self.step, self.last = step, step + steps - 1
         self.result: dict[str, int] = {}
         self._hooks = None
-        self._live: dict[int, list] = {}  # storage pointer -> [bytes, references]
-        self._current = self._peak = 0
+        self._live: dict[int, list] = {}  # storage pointer -> [bytes when saved, references, a tensor using it]
+        self._peak = 0
         self._params: set[int] = set()  # storages of parameters: saved for backward, but counted as parameters
-        self.depth = 0  # > 0 while inside the modules a caller marks (see advise.stats)
-        self.inside = 0  # bytes first saved while inside them
+        self._unpacks = 0
+        self.region: int | None = None  # a caller's label for what runs now (see advise.stats) ...
+        self.by_region: dict[int, int] = {}  # ... and the bytes first saved under each label
 
     def start(self, parameters=()) -> None:
         """Count from now on (``parameters``: tensors whose storage is not an activation)."""
         self._params = {_storage_ptr(p) for p in parameters}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
 
     def stop(self) -> int:
         """Stop counting; the peak of saved activation bytes."""
+        if not self._unpacks:  # nothing read them back (no backward): their size at the end
+            self._peak = max(self._peak, self._live_bytes())
         if self._hooks is not None:
             self._hooks.__exit__(None, None, None)
             self._hooks = None
         return self._peak
 
     def before_step(self, step: int, parameters=()) -> None:
-        if step == self.step:
+        if self.step <= step <= self.last:
+            self._peak, self._live, self._unpacks = 0, {}, 0
             self.start(parameters)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -298,15 +306,26 @@ class TensorBytes:
             return t
         if key in self._params:
             return t
-        if self.depth and key not in self._live:
-            self.inside += size
-        entry = self._live.setdefault(key, [size, 0])
-        if entry[1] == 0:
-            self._current += size
-            self._peak = max(self._peak, self._current)
+        if self.region is not None and key not in self._live:
+            self.by_region[self.region] = self.by_region.get(self.region, 0) + size
+        entry = self._live.setdefault(key, [size, 0, None])
         entry[1] += 1
+        entry[2] = weakref.ref(t)
         weakref.finalize(t, self._release, key)
         return t
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        self._unpacks += 1
+        if self._unpacks % 32 == 1:  # the first read of a backward, then now and then: the live storages' sizes
+            self._peak = max(self._peak, self._live_bytes())
+        return t
+
+    def _live_bytes(self) -> int:
+        total = 0
+        for size, _, ref in self._live.values():
+            t = ref() if ref is not None else None
+            total += t.untyped_storage().nbytes() if t is not None else size
+        return total
 
     def _release(self, key: int) -> None:
         entry = self._live.get(key)
@@ -314,23 +333,24 @@ class TensorBytes:
             return
         entry[1] -= 1
         if entry[1] == 0:
-            self._current -= entry[0]
             del self._live[key]
 
     def after_step(self, step: int, engine) -> None:
-        if self._hooks is None or step != self.step:
+        if self._hooks is None or not self.step <= step <= self.last:
             return
         self.stop()
         params = engine.parameters()
         state = engine.optimizer.state
-        self.result = {
+        now = {
             "parameters": sum(_local_bytes(p) for p in params),
             "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
             "optimizer": sum(_local_bytes(v) for p in params for v in state.get(p, {}).values()
                              if isinstance(v, torch.Tensor) and v.ndim > 0),
             "activations": self._peak,
         }
-        self.result["total"] = sum(self.result.values())
+        now["total"] = sum(now.values())
+        if now["total"] >= self.result.get("total", 0):
+            self.result = now
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

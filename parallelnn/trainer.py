@@ -177,7 +177,7 @@ class Trainer:
         # Multi-rank runs profile a few early steps to see how much time collectives take.
         self.comm_probe = CommProbe(ctx.device) if ctx.multi_rank else None
         # And one step counts the tensor memory each rank holds (what strategies divide).
-        self.tensor_bytes = TensorBytes()
+        self.tensor_bytes = TensorBytes(step=2, steps=2)
         self.first_step_seconds: float | None = None
         self.startup_seconds: float | None = None
         self.step_seconds: list[float] = []

@@ -111,6 +111,8 @@ def candidates(nproc_max: int, cfg, workload) -> list[Row]:
     rows = []
     for n in range(1, nproc_max + 1):
         for cand in layouts(n, None, cfg.batch_size):
+            if n == 1 and parallel.get(cand.strategy).needs_process_group:
+                continue  # one process of a distributed strategy computes what the single process does
             opts = trials_.run_options(cand)
             try:
                 strategy, layout = parallel.resolve(replace(cfg, **opts))
@@ -124,6 +126,7 @@ def candidates(nproc_max: int, cfg, workload) -> list[Row]:
 
 def predict_all(rows: list[Row], machine: Machine, cfg) -> None:
     dtype = "fp32" if cfg.precision == "fp32" else cfg.precision
+    machine.calibrate([r.candidate for r in rows if r.feasible], cfg.batch_size)
     for row in rows:
         if row.feasible:
             row.prediction = machine.predict(row.candidate, cfg.batch_size, dtype)

@@ -85,7 +85,7 @@ def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
                "sentence": reason_sentence(best, rows, cfg.batch_size)}
     return {"format_version": FORMAT_VERSION, "workload": cfg.workload, "batch_size": cfg.batch_size,
             "device": "cpu", "recommendation": rec, "candidates": [candidate_json(r) for r in order],
-            "model": vars(stats), "calibration": {"rates": {f"{t} threads, batch {b}": r for (t, b), r in
+            "model": vars(stats), "calibration": {"rates": {f"{n} processes, batch {b}": r for (n, b), r in
                                                             machine.rates.items()},
                                                   "collectives": {str(n): {k: {"latency": v["latency"],
                                                                                "bandwidth": v["bandwidth"]}

@@ -27,7 +27,7 @@ SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
 
-def step_seconds(workload, cfg, threads: int, batch: int, steps: int = 5, warmup: int = 2) -> float:
+def step_seconds(workload, cfg, threads: int, batch: int, steps: int = 9, warmup: int = 3) -> float:
     """Median seconds of a whole training step of ``batch`` samples with ``threads`` threads, one process."""
     model = copy.deepcopy(workload.model)
     engine = Engine(model, workload, cfg, torch.device("cpu"), total_steps=steps + warmup)
@@ -51,12 +51,10 @@ def _cache() -> Path:
     return measure._cache_file().with_name("collectives.json")
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]]]:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in KINDS}
     for size in SIZES:
         n = size // 4
@@ -71,14 +69,43 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         }
         for kind, op in ops.items():
             times = []
-            for i in range(7):
+            for _ in range(7):
                 dist.barrier()
                 t0 = time.perf_counter()
                 op()
                 times.append(time.perf_counter() - t0)
             results[kind].append((size, statistics.median(times[2:])))
+    return results
+
+
+def _time_steps(cfg, batches: list[int]) -> dict[int, float]:
+    """Median step seconds of the real model at each batch, while every rank does the same (contention)."""
+    import torch.distributed as dist
+
+    from parallelnn import workloads
+
+    workload = workloads.build(cfg.workload, cfg, torch.device("cpu"), log=lambda m: None)
+    seconds = {}
+    for batch in batches:
+        dist.barrier()
+        seconds[batch] = step_seconds(workload, cfg, torch.get_num_threads(), batch)
+    return seconds
+
+
+def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int]) -> None:
+    """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
+    model's steps timed while the others step too, then the collectives."""
+    import torch.distributed as dist
+
+    from parallelnn.launch import keep_freed_memory
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    keep_freed_memory()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    steps = _time_steps(cfg, batches) if cfg is not None else {}
+    results = _time_collectives(rank, world)
     if rank == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out).write_text(json.dumps({"collectives": results, "steps": steps}))
     dist.destroy_process_group()
 
 
@@ -95,13 +122,8 @@ def fit(points: list[tuple[int, float]]) -> dict[str, float]:
     return {"latency": max(my - slope * mx, 0.0), "bandwidth": 1.0 / slope}
 
 
-def collectives(world: int = 2, refresh: bool = False) -> dict[str, dict[str, float]]:
-    """{kind: {latency, bandwidth}} of gloo collectives among ``world`` processes here (cached)."""
-    key = f"gloo-{world}"
-    cache = _cache()
-    stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key in stored and not refresh:
-        return stored[key]
+def spawn(world: int, cfg=None, batches: list[int] = ()) -> dict[str, Any]:
+    """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements."""
     import socket
     import tempfile
 
@@ -112,12 +134,31 @@ def collectives(world: int = 2, refresh: bool = False) -> dict[str, dict[str, fl
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        mp.start_processes(_worker, args=(world, port, out), nprocs=world, start_method="spawn")
-        raw = json.loads(Path(out).read_text())
-    stored[key] = {kind: {**fit(points), "points": points} for kind, points in raw.items()}
+        mp.start_processes(_worker, args=(world, port, out, cfg, list(batches)), nprocs=world, start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def fitted(raw: dict[str, list]) -> dict[str, dict[str, Any]]:
+    return {kind: {**fit(points), "points": points} for kind, points in raw.items()}
+
+
+def collectives(world: int = 2, refresh: bool = False) -> dict[str, dict[str, float]]:
+    """{kind: {latency, bandwidth}} of gloo collectives among ``world`` processes here (cached per machine)."""
+    key = f"gloo-{world}"
+    cache = _cache()
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in stored or refresh:
+        stored[key] = fitted(spawn(world)["collectives"])
+        remember(key, stored[key])
+    return stored[key]
+
+
+def remember(key: str, value: Any) -> None:
+    cache = _cache()
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    stored[key] = value
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(stored, indent=1))
-    return stored[key]
 
 
 def describe(fitted: dict[str, Any]) -> str:

@@ -128,6 +128,13 @@ class ModelStats:
     #: Fractions of the FLOPs and of the saved activations the TP plan shards (None: tp_sharded_fraction).
     tp_sharded_flops_fraction: float | None = None
     tp_sharded_activation_fraction: float | None = None
+    #: Saved bytes that do not grow with the batch (e.g. the loss's own), once per step.
+    activation_fixed_bytes: float = 0.0
+    #: Per pipeline layer (when known): forward FLOPs on a sample batch (what the pipeline balances), parameters
+    #: and saved activation bytes per sample. The pipeline cost then splits the stages as the strategy does.
+    layer_flops: list[float] | None = None
+    layer_parameters: list[int] | None = None
+    layer_activation_bytes_per_sample: list[float] | None = None
 
     @property
     def bytes_per_parameter(self) -> float:
@@ -235,7 +242,7 @@ def activation_bytes(inp: CostInputs, samples: float, layer_share: float = 1.0, 
     pipeline stage), of which it keeps ``shard`` (tensor parallelism). With recomputation: each layer's
     input (the boundary activation, whole) plus one layer's activations being recomputed."""
     s = inp.stats
-    full = s.activation_bytes_per_sample * samples * layer_share * shard
+    full = (s.activation_bytes_per_sample * samples + s.activation_fixed_bytes) * layer_share * shard
     if not inp.candidate.activation_checkpointing:
         return full
     layers = max(1.0, s.layers * layer_share)

@@ -48,32 +48,44 @@ def link_for(nproc: int, fitted: dict[str, Any] | None) -> Link:
 
 
 class Machine:
-    """Calibrates lazily (each thread count and pass batch once, each process count's collectives once)."""
+    """This machine, calibrated for the candidates at hand: one process's step rate at each pass batch, and
+    for each process count N, the rate of N processes stepping at once (each with its share of the cores:
+    they contend for memory bandwidth too) and their collectives."""
 
     def __init__(self, workload, cfg, stats: ModelStats):
         self.workload, self.cfg, self.stats = workload, cfg, stats
-        self.rates: dict[tuple[int, int], float] = {}
+        self.rates: dict[tuple[int, int], float] = {}  # (processes, pass batch) -> FLOP/s of one rank
         self.links: dict[int, dict[str, Any]] = {}
 
-    def rate(self, threads: int, batch: int) -> float:
-        """FLOP/s of whole training steps (forward, backward, optimizer) at ``threads`` and ``batch``."""
-        key = (threads, batch)
-        if key not in self.rates:
-            seconds = calibrate.step_seconds(self.workload, self.cfg, threads, batch)
-            self.rates[key] = self.stats.flops_per_sample * batch / seconds
-        return self.rates[key]
+    def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
+        """Measure every (process count, pass batch) the candidates need, each process count in one go."""
+        needed: dict[int, set[int]] = {}
+        for c in candidates:
+            needed.setdefault(c.layout.world_size, set()).add(pass_batch(c, global_batch))
+        for n, batches in sorted(needed.items()):
+            if n == 1:
+                for b in sorted(batches):
+                    self.rates[(1, b)] = self._rate(calibrate.step_seconds(self.workload, self.cfg, cores(), b), b)
+                continue
+            by_name = self.cfg.workload if not self.cfg.workload.startswith("python:") else None
+            measured = calibrate.spawn(n, self.cfg if by_name else None, sorted(batches))
+            self.links[n] = calibrate.fitted(measured["collectives"])
+            calibrate.remember(f"gloo-{n}", self.links[n])
+            for b in sorted(batches):
+                seconds = measured["steps"].get(str(b)) or calibrate.step_seconds(
+                    self.workload, self.cfg, threads_for(n), b)  # a Python-API workload: one process at a time
+                self.rates[(n, b)] = self._rate(seconds, b)
 
-    def collectives(self, nproc: int) -> dict[str, Any] | None:
-        if nproc < 2:
-            return None
-        if nproc not in self.links:
-            self.links[nproc] = calibrate.collectives(nproc)
-        return self.links[nproc]
+    def _rate(self, seconds: float, batch: int) -> float:
+        return self.stats.flops_per_sample * batch / seconds
 
     def hardware(self, candidate: Candidate, global_batch: int) -> Hardware:
         n = candidate.layout.world_size
-        rate = self.rate(threads_for(n), pass_batch(candidate, global_batch))
-        link = link_for(n, self.collectives(n))
+        key = (n, pass_batch(candidate, global_batch))
+        if key not in self.rates:
+            self.calibrate([candidate], global_batch)
+        link = link_for(n, self.links.get(n))
+        rate = self.rates[key]
         return Hardware(name=f"this machine ({cores()} cores, {n} process{'es' if n > 1 else ''})",
                         device_type="cpu", peak_flops={"fp32": rate, "bf16": rate, "fp16": rate},
                         memory_bytes=ram_bytes() // n, devices_per_node=n, intra=link, inter=link,

@@ -21,15 +21,14 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor,
-                           marked: list[nn.Module] = ()) -> tuple[int, int]:
+def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, opens: list[nn.Module] = (),
+                           closes: list[nn.Module] = ()) -> tuple[int, int]:
     """(peak bytes of tensors autograd keeps for backward during one forward + backward of ``(x, y)``,
-    not counting parameters; of those, the bytes first saved inside the ``marked`` modules)."""
+    not counting parameters; of those, the bytes first saved between the output of an ``opens`` module and
+    the output of a ``closes`` module: a tensor-parallel pair's sharded activations)."""
     probe = measure.TensorBytes(step=1)
-    handles = []
-    for m in marked:
-        handles.append(m.register_forward_pre_hook(lambda *_: setattr(probe, "depth", probe.depth + 1)))
-        handles.append(m.register_forward_hook(lambda *_: setattr(probe, "depth", probe.depth - 1)))
+    handles = [m.register_forward_hook(lambda *_: setattr(probe, "region", 1)) for m in opens]
+    handles += [m.register_forward_hook(lambda *_: setattr(probe, "region", 0)) for m in closes]
     probe.start(list(model.parameters()))
     try:
         loss(model(x), y).backward()
@@ -38,7 +37,7 @@ def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Ten
         for h in handles:
             h.remove()
     model.zero_grad(set_to_none=True)
-    return peak, probe.inside
+    return peak, probe.by_region.get(1, 0)
 
 
 def _batch(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +75,52 @@ def model_stats(workload, batch: int = 8) -> dict[str, Any]:
     layers = workload.layers(model) if workload.layers is not None else [
         m for m in model.children() if _params(m)] or [model]
     boundaries = _output_bytes(layers, lambda: model(x[:1])) if workload.layers is not None else [0]
+    per_layer = layer_figures(workload, model, layers, x, y) if workload.layers is not None else {}
     stats = {
         "parameters": _params(model),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "flops_per_sample": measure.flops_per_sample(model, workload.loss, x, y),
         "activation_bytes_per_sample": max(per_sample, 0.0),
+        "activation_fixed_bytes": max(full - per_sample * n, 0.0),
         "layers": len(layers),
         "largest_layer_parameters": max(_params(m) for m in layers),
         "boundary_bytes_per_sample": float(max(boundaries[:-1] or boundaries)),
         "tokens_per_sample": workload.tokens_per_sample,
         **tensor_parallel_figures(workload, model, x, y),
+        **per_layer,
     }
     return stats
+
+
+def _saved_by_layer(workload, model: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """Bytes first saved for backward in each layer (the loss's go to the last), one forward + backward."""
+    probe = measure.TensorBytes(step=1)
+    handles = [m.register_forward_pre_hook(lambda *_, i=i: setattr(probe, "region", i)) for i, m in enumerate(layers)]
+    probe.start(list(model.parameters()))
+    try:
+        h = x
+        for layer in layers:
+            h = layer(h)
+        workload.loss(h, y).backward()
+    finally:
+        probe.stop()
+        for handle in handles:
+            handle.remove()
+    model.zero_grad(set_to_none=True)
+    return [probe.by_region.get(i, 0) for i in range(len(layers))]
+
+
+def layer_figures(workload, model: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor):
+    """Per pipeline layer: forward FLOPs (as the pipeline strategy counts them to balance its stages),
+    parameters, and activation bytes saved per sample (the slope between two batch sizes)."""
+    from parallelnn.parallel.pipeline import layer_costs
+
+    half = max(1, len(x) // 2)
+    full = _saved_by_layer(workload, model, layers, x, y)
+    small = _saved_by_layer(workload, model, layers, x[:half], y[:half])
+    per_sample = [max(0.0, (f - h) / (len(x) - half)) if len(x) > half else f / len(x) for f, h in zip(full, small)]
+    return {"layer_flops": layer_costs(layers, x[:2]), "layer_parameters": [_params(m) for m in layers],
+            "layer_activation_bytes_per_sample": per_sample}
 
 
 def tensor_parallel_figures(workload, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -105,7 +138,12 @@ def tensor_parallel_figures(workload, model: nn.Module, x: torch.Tensor, y: torc
         return {"tp_sharded_fraction": 0.0, "tp_allreduce_bytes_per_sample": 0.0}
     total = _params(model) or 1
     reduced_bytes = sum(_output_bytes(reduced, lambda: model(x[:1])))
-    all_saved, inside = saved_activation_bytes(model, workload.loss, x, y, sharded)
+    columns = [m for m in sharded if all(m is not r for r in reduced)]
+    half = max(1, len(x) // 2)
+    all_full, inside_full = saved_activation_bytes(model, workload.loss, x, y, columns, reduced)
+    all_half, inside_half = saved_activation_bytes(model, workload.loss, x[:half], y[:half], columns, reduced)
+    # Per sample (the slopes): what does not grow with the batch (the loss's own) is not sharded.
+    all_saved, inside = all_full - all_half, inside_full - inside_half
     with FlopCounterMode(display=False) as counter:
         workload.loss(model(x), y).backward()
     model.zero_grad(set_to_none=True)

@@ -350,23 +350,58 @@ def stage_parameters(stats, p: int) -> float:
     return max(stats.parameters / p, min(stats.largest_layer_parameters, stats.parameters))
 
 
+def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
+    """Per rank, when the model's layers are known: its share of the FLOPs, its parameters and its activation
+    bytes per sample, with the stages split as :func:`stage_bounds` splits them (balanced forward FLOPs)."""
+    flops, params, acts = stats.layer_flops, stats.layer_parameters, stats.layer_activation_bytes_per_sample
+    if not flops or not params or not acts or p * v > sum(1 for n in params if n):
+        return None
+    points = balanced_split(flops, [n > 0 for n in params], p * v)
+    bounds = list(zip([0, *points], [*points, len(flops)]))
+    total = sum(flops) or 1.0
+    ranks = []
+    for r in range(p):
+        layers = [i for k in range(v) for i in range(*bounds[r + k * p])]
+        ranks.append({"flops": sum(flops[i] for i in layers) / total, "parameters": sum(params[i] for i in layers),
+                      "activations": sum(acts[i] for i in layers), "last": r == (p * v - 1) % p})
+    return ranks
+
+
+def _in_flight_of(schedule: str | None, p: int, m: int, v: int, rank: int) -> float:
+    """Microbatches whose activations ``rank`` holds at once: 1F1B's stage r holds p - r of them."""
+    if schedule == "1f1b" and v == 1:
+        return min(m, p - rank)
+    return in_flight(schedule, p, m, v)
+
+
 def cost(inp):
-    """A rank computes 1/p of the model for every microbatch; the schedule's bubble idles it
+    """The busiest rank computes its stages' share of the FLOPs for every microbatch (stages split as the
+    strategy splits them, when the layers are known; else 1/p each); the schedule's bubble idles it
     (p-1)/(v*m+p-1) of the step; boundary activations are sent forward and their gradients back."""
     from parallelnn.advise import costs
 
     s, c = inp.stats, inp.candidate
     p, v, m = shape_of(inp)
     b = inp.per_rank_batch
-    compute = costs.compute_seconds(inp, b, 1 / p)
+    ranks = stage_shares(s, p, v)
+    if ranks is None:
+        share, memory = 1 / p, {**costs.model_state(inp, stage_parameters(s, p)),
+                                "activations": costs.activation_bytes(inp, b / m * in_flight(c.schedule, p, m, v), 1 / p)}
+        split = "stages balanced (1/p of FLOPs and parameters each, at least the largest layer)"
+    else:
+        share = max(r["flops"] for r in ranks)
+        held = [{**costs.model_state(inp, r["parameters"]),
+                 "activations": r["activations"] * b / m * _in_flight_of(c.schedule, p, m, v, i)
+                 + (s.activation_fixed_bytes if r["last"] else 0.0)} for i, r in enumerate(ranks)]
+        memory = max(held, key=lambda h: sum(h.values()))
+        split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
+    compute = costs.compute_seconds(inp, b, share)
     idle = costs.pipeline_bubble(p, m, v)
     p2p = costs.pipeline_p2p(inp, inp.group("pp"), b / m, m, v)
-    memory = {**costs.model_state(inp, stage_parameters(s, p)),
-              "activations": costs.activation_bytes(inp, b / m * in_flight(c.schedule, p, m, v), 1 / p)}
     problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
     return costs.StepCost(compute, memory, p2p, p2p, compute * idle / (1 - idle), problem, [
-        ("pipeline: stages balanced (1/p of FLOPs and parameters each, at least the largest layer); boundary "
-         "sends not overlapped; tied first/last-stage weights' gradient sum not counted")])
+        f"pipeline: {split}; boundary sends not overlapped; tied first/last-stage weights' gradient sum not "
+        "counted"])
 
 
 def cost_candidates(world_size: int, global_batch: int, dp: int = 1) -> list[tuple[Layout, int | None, str | None]]:
