@@ -179,3 +179,21 @@ def test_pass_at_k_after_training_goes_into_the_record(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in rec["pass_at_k"].values())
     assert rec["pass_at_k_detail"]["problems"] == 3 and rec["pass_at_k_detail"]["samples"] == 6
     assert "network namespace" in rec["pass_at_k_detail"]["sandbox"]
+
+
+def test_generate_writes_next_to_the_model_not_into_the_current_directory(trained, tmp_path, monkeypatch, capsys):
+    out, _ = trained
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main("generate", "--model", str(out / "model"), "--prompt", "def f(x):", "--max-new-tokens", "4") == 0
+    target = out / "model" / "generations.jsonl"
+    assert f"1 completions -> {target}" in capsys.readouterr().out
+    (line,) = [json.loads(x) for x in target.read_text().splitlines()]
+    assert line["prompt"] == "def f(x):"
+    assert list(cwd.iterdir()) == []  # nothing in the current directory
+    # A hub name has no directory to write next to: --out is then needed, said before loading anything.
+    assert main("generate", "--model", "someorg-not-a-dir", "--prompt", "x") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a directory" in err[0] and "--out FILE.jsonl" in err[0], err
+    assert list(cwd.iterdir()) == []
