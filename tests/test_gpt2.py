@@ -197,3 +197,18 @@ def test_generate_writes_next_to_the_model_not_into_the_current_directory(traine
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a directory" in err[0] and "--out FILE.jsonl" in err[0], err
     assert list(cwd.iterdir()) == []
+
+
+def test_an_empty_share_runs_every_layer_and_adds_zero_gradients():
+    """A data-parallel rank whose share of a short last batch is empty still runs the model (its peers'
+    collectives need it) and contributes nothing."""
+    from parallelnn.workloads import gpt2
+
+    model = gpt2.CausalLM(gpt2.scratch_model(512, 0, seed=0))
+    logits = model(torch.zeros((0, 32), dtype=torch.long))
+    assert logits.shape == (0, 32, 512)
+    loss = gpt2.causal_lm_loss(logits, torch.zeros((0, 32), dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and all(not g.any() for g in grads)
