@@ -117,7 +117,8 @@ def test_node_rank_0_holds_global_rank_0_whichever_machine_starts_first(tmp_path
     assert (outs[0] / "record.json").is_file() and not (outs[1] / "record.json").exists()
     rec = record(outs[0])
     assert rec["world_size"] == 2 and rec["nnodes"] == 2 and [r["rank"] for r in rec["per_rank"]] == [0, 1]
-    assert f"node 0 of 2: global ranks 0..0 finished; global rank 0 writes the record here: {outs[0]}/record.json" in out0
+    assert (f"node 0 of 2: global ranks 0..0 finished; global rank 0 writes the record here: "
+            f"{outs[0]}/record.json") in out0
     assert (f"node 1 of 2: global ranks 1..1 finished; global rank 0 writes the record on node 0 (--node-rank 0, "
             f"127.0.0.1): {outs[1]}/record.json") in out1
 
