@@ -69,6 +69,8 @@ def refuse(what):
     sys.stderr.write("sandbox: cannot " + what + "\n")
     sys.stderr.flush()
     os._exit(no_isolation)
+if not sys.platform.startswith("linux"):
+    refuse("isolate a program on " + sys.platform + " (it needs Linux namespaces)")
 program, memory, cpu, fsize, to_parent, from_parent, new_root = sys.argv[1:8]
 memory, cpu, fsize, to_parent, from_parent = int(memory), int(cpu), int(fsize), int(to_parent), int(from_parent)
 with open(program) as fh:
