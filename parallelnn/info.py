@@ -8,7 +8,7 @@ The peaks are short probes (:mod:`parallelnn.measure`): matrix multiplies for FL
 also TF32 and bf16) and a large copy for memory bandwidth, on CPU with every core, each the best of
 several rounds. They are cached per machine in ``$PARALLELNN_CACHE/peak.json`` with the time they
 were measured (``fp32_measured_at``); a record's ``peak_flops`` (the denominator of its ``mfu``) is
-this fp32 probe times the devices the run used, probed again when a run beats it.
+this fp32 probe times the devices the run used (``measure.check_peak`` probes again when a run beats it).
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def text(info: dict[str, Any]) -> str:
         lines.append(f"peak      {where}: matmul {mm}; memory bandwidth "
                      f"{p['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s"
                      + (f"; fp32 measured {p['fp32_measured_at']}" if p.get("fp32_measured_at") else ""))
-    lines.append(f"          (best of {measure.PROBE_ROUNDS} probes, cached in {info['peak_cache']}; records' MFU "
-                 "uses the fp32 peak, probed again when a run beats it; --refresh to measure now)")
+    lines.append(f"          (best of {measure.PROBE_ROUNDS} probes spaced apart, cached in {info['peak_cache']}; "
+                 "records' MFU uses the fp32 peak; --refresh to measure again)")
     return "\n".join(lines)
 
 
