@@ -43,15 +43,14 @@ class ArraySplit:
         return ArraySplit(self.inputs[:n], self.targets[:n], self.prepare)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                  min_size: int = 1) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[torch.Tensor]:
     """The global batches of one epoch as index tensors; the same on every rank.
 
     The last batch is kept however short: one process trains it, so every layout trains it. When it
     has fewer samples than there are data-parallel ranks, some ranks' shares are empty; they still
     run the step (forward on zero samples, zero gradients) and take part in its collectives, and the
     loss scaling (see :mod:`parallelnn.parallel.engine`) makes the averaged gradient exactly that of
-    the batch's mean loss. ``min_size`` is kept for callers' compatibility and no longer drops anything.
+    the batch's mean loss.
     """
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -78,7 +77,7 @@ class BatchPlan:
     start: int = 0  # steps of this epoch already trained (resuming): they are skipped
 
     def global_batches(self) -> list[torch.Tensor]:
-        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
+        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle)
 
     @property
     def steps(self) -> int:
