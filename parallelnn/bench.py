@@ -41,8 +41,13 @@ FAST_ROWS = (
     ("MNIST fast path on MPS (ours)", "mnist", "mps", "memory", 0),
     ("MNIST fast path on CUDA (ours)", "mnist", "cuda", "memory", 0),
 )
-SEED_COLUMNS = ("row", "dataset", "device", "loader", "workers", "epochs", "train_seconds", "test_accuracy",
-                "samples_per_second", "mfu", "study_seconds", "study_accuracy", "note")
+SEED_COLUMNS = ("row", "dataset", "device", "loader", "workers", "epochs", "seeds", "train_seconds",
+                "train_seconds_std", "test_accuracy", "test_accuracy_std", "samples_per_second", "mfu",
+                "study_seconds", "study_accuracy", "note")
+# Seeds per row unless --seeds says: Iris's test split is 30 samples, so one mistake moves accuracy by
+# 1/30 = 0.033 and a single run cannot tell 1.00 from 0.97; its runs take a second. MNIST's take minutes.
+DEFAULT_SEEDS = {"iris": 5, "mnist": 1}
+SEED_MEANS = ("train_seconds", "test_accuracy", "samples_per_second", "mfu")  # averaged over a row's seeds
 
 
 def device_missing(device: str) -> str | None:
@@ -66,6 +71,9 @@ def add_parser(verbs) -> None:
     seed.add_argument("--workers", type=int, default=4, help="workers of the 'batch loading + workers' row")
     seed.add_argument("--mnist-data", metavar="DIR", help="MNIST IDX directory (default: the embedded 5k subset)")
     seed.add_argument("--out", metavar="DIR", help="where records and tables go (default runs/bench-seed-<time>)")
+    seed.add_argument("--seeds", type=int, metavar="N",
+                      help="runs per row, seeds 0..N-1; the table gives mean and standard deviation "
+                           f"(default: {DEFAULT_SEEDS['iris']} for Iris rows, {DEFAULT_SEEDS['mnist']} for MNIST)")
     seed.add_argument("--quiet", action="store_true", help="no progress output")
     seed.set_defaults(handler=cmd_seed)
     p.set_defaults(handler=lambda ns: (_ for _ in ()).throw(UserError("bench needs a kind: seed or scaling")))
@@ -109,9 +117,35 @@ def run_rows(rows: list[tuple[str, RunConfig | None, str]], log) -> list[tuple[s
     return results
 
 
+def seed_run_dir(out: Path, label: str, seed: int) -> Path:
+    """A row's run with ``seed``: seed 0 (every run's default) keeps the row's name, others add theirs."""
+    return out / (slug(label) if seed == 0 else f"{slug(label)}-seed{seed}")
+
+
+def seed_summary(records: list[dict]) -> dict[str, Any]:
+    """Means over a row's seeds of :data:`SEED_MEANS`, and standard deviations (n-1) of time and accuracy."""
+    import statistics
+
+    row: dict[str, Any] = {"seeds": len(records)}
+    for key in SEED_MEANS:
+        values = [r[key] for r in records if r.get(key) is not None]
+        row[key] = statistics.fmean(values) if values else None
+        if key in ("train_seconds", "test_accuracy"):
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    return row
+
+
+def _pm(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
 def cmd_seed(ns: argparse.Namespace) -> int:
     from parallelnn.report import print_table, write_table
 
+    if ns.seeds is not None and ns.seeds < 1:
+        raise UserError(f"--seeds must be positive, got {ns.seeds}")
     out = bench_dir(ns.out, "seed")
     log = (lambda m: None) if ns.quiet else (lambda m: print(m, flush=True))
     rows = []
@@ -125,35 +159,57 @@ def cmd_seed(ns: argparse.Namespace) -> int:
                 continue  # an absent device's fast-path row is just left out
             rows.append((label, None, missing))
             continue
-        cfg = RunConfig(workload=workload, device=device, loader=loader, workers=workers, epochs=ns.epochs,
-                        limit=ns.limit, data=ns.mnist_data if workload == "mnist" else None,
-                        out=str(out / slug(label)), quiet=ns.quiet)
-        validate(cfg)
-        argv = [workload, "--device", device, "--loader", loader, "--out", cfg.out]
-        argv += ["--workers", str(workers)] if workers else []
-        argv += ["--epochs", str(ns.epochs)] if ns.epochs else []
-        argv += ["--limit", str(ns.limit)] if ns.limit else []
-        argv += ["--data", ns.mnist_data] if ns.mnist_data and workload == "mnist" else []
-        rows.append((label, dataclasses.replace(cfg, command="parallelnn run " + " ".join(argv)), ""))
+        for seed in range(ns.seeds or DEFAULT_SEEDS[workload]):
+            run_dir = seed_run_dir(out, label, seed)
+            cfg = RunConfig(workload=workload, device=device, loader=loader, workers=workers, epochs=ns.epochs,
+                            limit=ns.limit, data=ns.mnist_data if workload == "mnist" else None, seed=seed,
+                            out=str(run_dir), quiet=ns.quiet)
+            validate(cfg)
+            argv = [workload, "--device", device, "--loader", loader, "--out", cfg.out]
+            argv += ["--workers", str(workers)] if workers else []
+            argv += ["--epochs", str(ns.epochs)] if ns.epochs else []
+            argv += ["--limit", str(ns.limit)] if ns.limit else []
+            argv += ["--data", ns.mnist_data] if ns.mnist_data and workload == "mnist" else []
+            argv += ["--seed", str(seed)] if seed else []
+            rows.append((label, dataclasses.replace(cfg, command="parallelnn run " + " ".join(argv)), ""))
     results = run_rows(rows, log)
     study = {s[0]: (s[5], s[6]) for s in specs}
-    table = []
+    by_label: dict[str, list[tuple[dict | None, str]]] = {}
     for label, record, note in results:
+        by_label.setdefault(label, []).append((record, note))
+    table = []
+    for label, runs in by_label.items():
         study_s, study_acc = study.get(label, (None, None))
-        row: dict[str, Any] = {"row": label, "study_seconds": study_s, "study_accuracy": study_acc, "note": note}
-        if record:
-            row.update({k: record.get(k) for k in SEED_COLUMNS if k in record})
+        records = [r for r, _ in runs if r]
+        notes = sorted({n for _, n in runs if n})
+        row: dict[str, Any] = {"row": label, "study_seconds": study_s, "study_accuracy": study_acc,
+                               "note": "; ".join(notes) + (f" ({len(runs) - len(records)} of {len(runs)} seeds)"
+                                                           if records and notes else "")}
+        if records:
+            row.update({k: records[0].get(k) for k in ("dataset", "device", "loader", "workers", "epochs")})
+            row.update(seed_summary(records))
         table.append(row)
     paths = write_table(table, SEED_COLUMNS, out / "seed")
     print_table(table, SEED_COLUMNS)
-    ran = [record for _, record, _ in results if record]
-    if ran:  # the report `parallelnn report OUT` makes (table, plots, index), the study's table first
+    for row in table:
+        if row.get("seeds"):
+            study_part = (f" (study: {row['study_accuracy']:.4f}, {row['study_seconds']:g} s)"
+                          if row["study_accuracy"] is not None else "")
+            print(f"{row['row']}: accuracy {_pm(row['test_accuracy'], row['test_accuracy_std'], 4)}, train "
+                f"{_pm(row['train_seconds'], row['train_seconds_std'], 2)} s over {row['seeds']} "
+                f"seed{'s' if row['seeds'] > 1 else ''}{study_part}")
+    # The report `parallelnn report OUT` makes (table, plots, index), the study's table first; its plots
+    # show each row's seed-0 run (all seeds would draw one line per seed).
+    ran = [record for label, record, _ in results
+           if record and Path(record["out"]).name == slug(label)]
+    if ran:
         from parallelnn.report import make_report
 
         paths.append(make_report(ran, out, ("md", "csv", "html"), title="bench seed",
                                  tables=[("The study's rows beside ours", table, SEED_COLUMNS)])[0])
-    print(f"study: the paper's figures (full MNIST, its own hardware); ours: this machine. Tables: "
-          f"{', '.join(str(p) for p in paths)}")
+    print(f"study: the paper's figures (full MNIST, its own hardware; one run each); ours: this machine, mean ± "
+          f"standard deviation over seeds 0..N-1 (Iris's test split is 30 samples: one mistake is 0.033 of "
+          f"accuracy). Tables: {', '.join(str(p) for p in paths)}")
     return 0
 
 

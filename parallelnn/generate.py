@@ -8,7 +8,9 @@ Prompts: ``--prompt TEXT``, ``--file F`` (the whole file is one prompt), or ``--
 row: the template rendered up to ``{solution}``; the template is ``--template``, else the one the
 model was trained with, read from its ``parallelnn.json``, else the default). Each prompt starts
 after an end-of-text token, as every training document did. Completions stop at end-of-text.
-Writes JSONL (id, sample, prompt, completion) to ``--out`` and prints each completion.
+Writes JSONL (id, sample, prompt, completion) to ``--out`` and prints each completion. Without
+``--out`` the file goes next to the model: ``MODEL_DIR/generations.jsonl`` (replacing an earlier one),
+never into the current directory; a model named by its hub name has no directory, so it needs ``--out``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 
 from parallelnn.errors import UserError
 from parallelnn.workloads.pretrained import complete
+
+DEFAULT_OUT = "generations.jsonl"  # inside the model directory, unless --out says otherwise
+
 
 def add_parser(verbs) -> None:
     p = verbs.add_parser("generate", help="complete prompts with a saved model",
@@ -39,8 +44,8 @@ def add_parser(verbs) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions per prompt (1)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--out", default="generations.jsonl", metavar="FILE.jsonl",
-                   help="where the completions go (default generations.jsonl)")
+    p.add_argument("--out", metavar="FILE.jsonl",
+                   help="where the completions go (default: MODEL_DIR/generations.jsonl, next to the model)")
     p.set_defaults(handler=cmd_generate)
 
 
@@ -63,6 +68,16 @@ def _check(ns: argparse.Namespace) -> None:
     # Before any generating: where the completions go must be able to take them.
     from parallelnn.record import check_writable_place
 
+    if ns.out is None:
+        model_dir = Path(ns.model).expanduser()
+        if not model_dir.is_dir():
+            from parallelnn.workloads.pretrained import _looks_like_path
+
+            if model_dir.exists() or _looks_like_path(ns.model):
+                raise UserError(f"--model {ns.model}: no such model directory")
+            raise UserError(f"--model {ns.model} is not a directory, so there is no place next to it for the "
+                            "completions: name a file with --out FILE.jsonl")
+        ns.out = str(model_dir / DEFAULT_OUT)
     out = Path(ns.out)
     if out.is_dir():
         raise UserError(f"--out {ns.out} is a directory; name a file, e.g. {out / 'generations.jsonl'}")

@@ -5,9 +5,10 @@
     parallelnn info --refresh  # measure the peaks again instead of reading the cache
 
 The peaks are short probes (:mod:`parallelnn.measure`): matrix multiplies for FLOP/s (fp32; on a GPU
-also TF32 and bf16) and a large copy for memory bandwidth, on CPU with every core. They are measured
-once per machine and cached in ``$PARALLELNN_CACHE/peak.json``; a record's ``peak_flops`` (the
-denominator of its ``mfu``) is this fp32 probe times the devices the run used.
+also TF32 and bf16) and a large copy for memory bandwidth, on CPU with every core, each the best of
+several rounds. They are cached per machine in ``$PARALLELNN_CACHE/peak.json`` with the time they
+were measured (``fp32_measured_at``); a record's ``peak_flops`` (the denominator of its ``mfu``) is
+this fp32 probe times the devices the run used (``measure.check_peak`` probes again when a run beats it).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def gather(refresh: bool = False) -> dict[str, Any]:
     cpu = torch.device("cpu")
     peaks: dict[str, dict[str, Any]] = {
         "cpu": {"fp32_flops": measure.peak_flops(cpu, torch.float32, refresh=refresh),
+                "fp32_measured_at": measure.peak_measured_at(cpu, torch.float32),
                 "memory_bandwidth_bytes_per_second": measure.peak_bandwidth(cpu, refresh=refresh),
                 "threads": os.cpu_count()},
     }
@@ -78,6 +80,7 @@ def gather(refresh: bool = False) -> dict[str, Any]:
         gpu = torch.device("cuda", 0)
         peaks["cuda"] = {"device": gpus[0]["name"],
                          "fp32_flops": measure.peak_flops(gpu, torch.float32, refresh=refresh),
+                         "fp32_measured_at": measure.peak_measured_at(gpu, torch.float32),
                          "tf32_flops": measure.peak_tf32_flops(gpu, refresh=refresh),
                          "memory_bandwidth_bytes_per_second": measure.peak_bandwidth(gpu, refresh=refresh)}
         if torch.cuda.is_bf16_supported():
@@ -85,6 +88,7 @@ def gather(refresh: bool = False) -> dict[str, Any]:
     elif build["mps_available"]:
         mps = torch.device("mps")
         peaks["mps"] = {"fp32_flops": measure.peak_flops(mps, torch.float32, refresh=refresh),
+                        "fp32_measured_at": measure.peak_measured_at(mps, torch.float32),
                         "memory_bandwidth_bytes_per_second": measure.peak_bandwidth(mps, refresh=refresh)}
     return {
         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
@@ -110,6 +114,8 @@ def _yes(flag: bool) -> str:
 
 
 def text(info: dict[str, Any]) -> str:
+    from parallelnn import measure
+
     cpu, t = info["cpu"], info["torch"]
     cores = f"{cpu['cores']} cores" + (f" ({cpu['physical_cores']} physical)" if cpu["physical_cores"]
                                        and cpu["physical_cores"] != cpu["cores"] else "")
@@ -129,9 +135,10 @@ def text(info: dict[str, Any]) -> str:
         mm = ", ".join(f"{label} {_flops(p[key])}" for key, label in
                        (("fp32_flops", "fp32"), ("tf32_flops", "tf32"), ("bf16_flops", "bf16")) if key in p)
         lines.append(f"peak      {where}: matmul {mm}; memory bandwidth "
-                     f"{p['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
-    lines.append(f"          (measured once per machine, cached in {info['peak_cache']}; records' MFU uses the "
-                 f"fp32 peak)")
+                     f"{p['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s"
+                     + (f"; fp32 measured {p['fp32_measured_at']}" if p.get("fp32_measured_at") else ""))
+    lines.append(f"          (best of {measure.PROBE_ROUNDS} probes spaced apart, cached in {info['peak_cache']}; "
+                 "records' MFU uses the fp32 peak; --refresh to measure again)")
     return "\n".join(lines)
 
 

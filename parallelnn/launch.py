@@ -4,8 +4,13 @@
   agent in this process (``torch.distributed.launcher.api.elastic_launch``, the code behind the
   ``torchrun`` command) which starts N ranks of ``python -m parallelnn run ...`` and restarts them up
   to ``--max-restarts`` times. A failing rank brings the others down (torchrun's behaviour).
-* A process that finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun) or ``SLURM_PROCID`` and
-  ``SLURM_NTASKS`` (srun) in its environment is one rank of a job already started: it joins.
+* ``--nnodes M`` uses torchrun's static rendezvous (as ``torchrun --node-rank``): the machine given
+  ``--node-rank I`` holds global ranks ``I*nproc ...``, so node 0 holds rank 0, the record and the
+  output, whichever machine starts first; each node prints its ranks and where the record goes.
+* A process that finds ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun), or ``SLURM_PROCID`` in an
+  srun step (``SLURM_STEP_ID``, ``SLURM_STEP_NUM_TASKS``), is one rank of a job already started: it
+  joins. ``SLURM_NTASKS`` above 1 outside an srun step (an sbatch script run without srun) is
+  refused at once: no other rank would ever join.
 * A one-process job of a distributed strategy (``--strategy ddp --nproc 1``) runs in this process
   with a one-rank process group: no launcher start-up to pay.
 """
@@ -61,9 +66,9 @@ def job_env() -> dict[str, int] | None:
         world = int(env["WORLD_SIZE"])
         return {"rank": int(env["RANK"]), "world_size": world, "local_rank": int(env["LOCAL_RANK"]),
                 "local_world_size": int(env.get("LOCAL_WORLD_SIZE", world))}
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        world = int(env["SLURM_NTASKS"])
-        nodes = int(env.get("SLURM_NNODES", "1"))
+    world = slurm_step_tasks(env) if "SLURM_PROCID" in env else 1
+    if world > 1:
+        nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
         local_world = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or world // max(nodes, 1)
         if "MASTER_ADDR" not in env:
             env["MASTER_ADDR"] = _first_slurm_host()
@@ -75,6 +80,37 @@ def job_env() -> dict[str, int] | None:
             env[key] = str(job[value])
         return job
     return None
+
+
+# Step ids Slurm gives the batch script, the extern step, an interactive salloc shell and the like:
+# not an srun step whose tasks could be ranks (0xfffffff0 and above).
+SLURM_SPECIAL_STEPS = 0xFFFFFFF0
+
+
+def slurm_step_tasks(env) -> int:
+    """The tasks of the srun step this process is one of (1 outside any step).
+
+    ``SLURM_NTASKS`` alone proves nothing: ``sbatch --ntasks 2`` sets it in the batch script too, where
+    one process runs. Rank 0 would then wait ~10 minutes for a rank that never starts. Only srun starts
+    the tasks, and it marks each with ``SLURM_STEP_ID`` and ``SLURM_STEP_NUM_TASKS``; without them, a
+    promise of several tasks is refused at once with what to run instead.
+    """
+    ntasks = env.get("SLURM_STEP_NUM_TASKS")
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    try:
+        in_step = step is not None and ntasks is not None and int(step) < SLURM_SPECIAL_STEPS
+        promised = int(env.get("SLURM_NTASKS", "1"))
+        if in_step:
+            return int(ntasks)
+    except ValueError:
+        raise UserError(f"unreadable Slurm variables: SLURM_STEP_ID={step!r}, SLURM_STEP_NUM_TASKS={ntasks!r}, "
+                        f"SLURM_NTASKS={env.get('SLURM_NTASKS')!r}") from None
+    if promised > 1:
+        why = f"SLURM_STEP_ID={step}, the batch script's" if step is not None else "SLURM_STEP_ID unset"
+        raise UserError(f"SLURM_NTASKS={promised} promises {promised} tasks, but this process was not started by "
+                        f"srun ({why}), so no other rank would join: run `srun parallelnn run ...` to start all "
+                        f"{promised} (or `parallelnn run ... --nproc N` to start N processes here)")
+    return 1
 
 
 def _first_slurm_host() -> str:
@@ -291,18 +327,23 @@ def spawn(cfg, argv: list[str]) -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    timeout = int(max(cfg.rdzv_timeout, 1))
     if cfg.nnodes > 1:
+        # torchrun's static rendezvous, as `torchrun --node-rank`: the machine given --node-rank I holds
+        # global ranks I*nproc ... I*nproc+nproc-1, so --node-rank 0 holds rank 0 and with it the record
+        # and the output. (The c10d rendezvous ranks machines in the order they join, by host name and
+        # process id: on one host, or with --node-rank 1 started first, rank 0 could land anywhere.)
+        # Node 0 hosts the store at the endpoint and waits up to --rdzv-timeout for the others, which
+        # only connect to it.
         endpoint, run_id = cfg.rdzv_endpoint, "parallelnn-" + cfg.rdzv_endpoint.replace(":", "-")
+        backend, rdzv_configs = "static", {"rank": cfg.node_rank, "timeout": timeout}
     else:  # like torchrun --standalone: a private rendezvous on a free local port
         endpoint, run_id = "localhost:0", f"parallelnn-{uuid.uuid4().hex[:8]}"
-    timeout = int(max(cfg.rdzv_timeout, 1))
+        backend = "c10d"
+        rdzv_configs = {"join_timeout": timeout, "read_timeout": timeout, "last_call_timeout": 1}
     config = LaunchConfig(
         min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.nproc, run_id=run_id,
-        rdzv_endpoint=endpoint, rdzv_backend="c10d",
-        # Node 0 hosts the rendezvous store at the endpoint; the others only connect to it, so an
-        # unreachable endpoint is reported as such instead of being hosted locally by mistake.
-        rdzv_configs={"join_timeout": timeout, "read_timeout": timeout, "last_call_timeout": 1,
-                      **({"is_host": cfg.node_rank == 0} if cfg.nnodes > 1 else {})},
+        rdzv_endpoint=endpoint, rdzv_backend=backend, rdzv_configs=rdzv_configs,
         max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
     os.environ[SPAWNED_ENV] = "1"
@@ -328,7 +369,17 @@ def spawn(cfg, argv: list[str]) -> None:
         hint = (f" (fewer than --nnodes {cfg.nnodes} machines joined)" if "Timeout" in type(err).__name__ else "")
         raise LaunchFailed(f"rendezvous at {endpoint} failed (--rdzv-timeout {timeout}s): {_reason(err)}{hint}",
                            EXIT_USER_ERROR) from None
+    except dist.DistError as err:  # the static rendezvous' store: node 0 absent, or not all machines came
+        who = ("the other machines did not all join" if cfg.node_rank == 0
+               else "no node 0 answered; start the command with --node-rank 0 on the endpoint's machine")
+        raise LaunchFailed(f"rendezvous at {endpoint} failed (--rdzv-timeout {timeout}s): {who} "
+                           f"({_reason(err)})", EXIT_USER_ERROR) from None
     except (RuntimeError, TimeoutError, ValueError) as err:
         raise LaunchFailed(f"could not start the job through {endpoint}: {_reason(err)}", EXIT_USER_ERROR) from None
     finally:
         os.environ.pop(SPAWNED_ENV, None)
+    if cfg.nnodes > 1 and not cfg.quiet:
+        first = cfg.node_rank * cfg.nproc
+        where = ("here" if cfg.node_rank == 0 else f"on node 0 (--node-rank 0, {endpoint.rpartition(':')[0]})")
+        print(f"node {cfg.node_rank} of {cfg.nnodes}: global ranks {first}..{first + cfg.nproc - 1} finished; "
+              f"global rank 0 writes the record {where}: {os.path.join(cfg.out, 'record.json')}", flush=True)

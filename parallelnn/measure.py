@@ -3,21 +3,29 @@
 MFU = achieved FLOP/s / peak FLOP/s, where
 * achieved = FLOPs of one training step as counted by ``torch.utils.flop_counter`` (forward +
   backward; the optimizer's elementwise work is not counted, as is usual) x samples per second;
-* peak = a short matrix-multiply probe on the same kind of device, run once per machine and cached
-  (``$PARALLELNN_CACHE/peak.json``). On CPU the probe uses every core, so a run that leaves cores
-  idle shows it in its MFU. The peak of a job is the probe times the devices it used (GPUs, or
-  machines for CPU jobs, whose ranks share the machine's cores).
+* peak = a short matrix-multiply probe on the same kind of device, cached per machine
+  (``$PARALLELNN_CACHE/peak.json``, each entry with the time it was measured). On CPU the probe uses
+  every core, so a run that leaves cores idle shows it in its MFU. The peak of a job is the probe
+  times the devices it used (GPUs, or machines for CPU jobs, whose ranks share the machine's cores).
+
+A probe taken while the machine is busy reads low, and every MFU measured against it would read
+high. So a probe is the best of several rounds spaced apart (:data:`PROBE_ROUNDS`), and a run whose
+achieved FLOP/s exceed the cached peak calls :func:`check_peak`, which probes again and keeps the
+best of the old peak, the new probe and what the run achieved (a peak cannot be below work actually
+done). ``info --refresh`` replaces the entry with a fresh probe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import sys
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,6 +64,10 @@ def device_label(device: torch.device) -> str:
     return f"{cpu_model()} x{os.cpu_count()}"
 
 
+PROBE_ROUNDS = 3  # a probe is the best of this many rounds...
+PROBE_PAUSE_S = 0.25  # ...this far apart, so that a passing burst of other work spoils at most some
+
+
 def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> float:
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -68,6 +80,18 @@ def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> fl
             a @ b
 
     return _best_rate(device, three_matmuls, 3 * 2 * n**3, seconds)
+
+
+def _best_of_rounds(probe, rounds: int | None = None, pause: float | None = None) -> float:
+    """The best of ``rounds`` calls of ``probe``, ``pause`` seconds apart."""
+    rounds = PROBE_ROUNDS if rounds is None else rounds
+    pause = PROBE_PAUSE_S if pause is None else pause
+    best = 0.0
+    for i in range(max(rounds, 1)):
+        if i and pause > 0:
+            time.sleep(pause)
+        best = max(best, float(probe()))
+    return best
 
 
 def _best_rate(device: torch.device, op, work: float, seconds: float) -> float:
@@ -90,25 +114,49 @@ def _cache_key(device: torch.device, dtype: torch.dtype | str) -> str:
     return f"{socket.gethostname()}|{device_label(device)}|{dtype}|threads={threads}|torch={torch.__version__}"
 
 
-def _cached(key: str, probe, refresh: bool) -> float:
-    """The cached value of ``key`` in peak.json, or ``probe()`` measured now and stored."""
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _read_cache() -> dict[str, dict[str, Any]]:
+    """peak.json as {key: {"value", "measured_at", "source"}} (older caches held bare numbers)."""
     path = _cache_file()
-    cache = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-    if key in cache and not refresh:
-        return float(cache[key])
-    value = probe()
-    cache[key] = value
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1))
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    cache = {}
+    for key, entry in raw.items():
+        if isinstance(entry, (int, float)):
+            entry = {"value": float(entry), "measured_at": None, "source": "probe"}
+        if isinstance(entry, dict) and isinstance(entry.get("value"), (int, float)):
+            cache[key] = entry
+    return cache
+
+
+def _store(key: str, value: float, source: str = "probe") -> dict[str, Any]:
+    cache = _read_cache()
+    cache[key] = entry = {"value": float(value), "measured_at": _utc_now(), "source": source}
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_cache_file(), json.dumps(cache, indent=1))
     except OSError:
         pass  # an unwritable cache costs a re-probe next time, nothing more
-    return value
+    return entry
+
+
+def _cached_entry(key: str, probe, refresh: bool) -> dict[str, Any]:
+    """The cache entry of ``key``, or the best of :data:`PROBE_ROUNDS` probes measured now and stored."""
+    entry = _read_cache().get(key)
+    if entry is not None and not refresh:
+        return entry
+    return _store(key, _best_of_rounds(probe))
+
+
+def _cached(key: str, probe, refresh: bool) -> float:
+    return float(_cached_entry(key, probe, refresh)["value"])
 
 
 class _all_cores:
@@ -125,11 +173,39 @@ class _all_cores:
         torch.set_num_threads(self.saved)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, refresh: bool = False) -> float:
-    """Peak matmul FLOP/s of one device (on CPU: with all cores), measured once per machine and cached."""
+def peak_entry(device: torch.device, dtype: torch.dtype = torch.float32, refresh: bool = False) -> dict[str, Any]:
+    """The peak of :func:`peak_flops` with when it was measured: {"value", "measured_at" (UTC, ISO 8601,
+    None for a cache older than this field), "source" ("probe" or "achieved by a run")}."""
     device = torch.device(device)
     with _all_cores(device):
-        return _cached(_cache_key(device, dtype), lambda: _probe(device, dtype), refresh)
+        return _cached_entry(_cache_key(device, dtype), lambda: _probe(device, dtype), refresh)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, refresh: bool = False) -> float:
+    """Peak matmul FLOP/s of one device (on CPU: with all cores), measured once per machine and cached."""
+    return float(peak_entry(device, dtype, refresh)["value"])
+
+
+def peak_measured_at(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """When the cached peak of ``device`` was measured (UTC, ISO 8601), for a record's ``peak_measured_at``."""
+    return peak_entry(device, dtype)["measured_at"]
+
+
+def check_peak(device: torch.device, achieved: float, dtype: torch.dtype = torch.float32) -> float:
+    """The peak to divide ``achieved`` (FLOP/s a run reached on *one* device: its FLOP/s over the
+    devices it used, as ``peak_flops`` is per device) by, made honest first: if the run beat the
+    cached peak, that peak was probed while the machine was busy, so probe again now (best of
+    :data:`PROBE_ROUNDS`) and keep the best of the old peak, the new probe and ``achieved`` itself."""
+    device = torch.device(device)
+    key = _cache_key(device, dtype)
+    with _all_cores(device):
+        entry = _cached_entry(key, lambda: _probe(device, dtype), refresh=False)
+        if achieved <= entry["value"]:
+            return float(entry["value"])
+        probed = _best_of_rounds(lambda: _probe(device, dtype))
+    value, source = max((entry["value"], entry.get("source", "probe")), (probed, "probe"),
+                        (float(achieved), "achieved by a run"), key=lambda vs: vs[0])
+    return float(_store(key, value, source)["value"])
 
 
 def peak_tf32_flops(device: torch.device, refresh: bool = False) -> float:

@@ -58,3 +58,32 @@ def test_matches_single_process(name, args, nproc, reference, tmp_path):
     assert rec["world_size"] == nproc and rec["strategy"] == args[1]
     assert rec["test_accuracy"] == pytest.approx(ref["test_accuracy"], abs=1e-3)  # same weights, ±1 sample
     assert len(rec["per_rank"]) == nproc and all("comm_share" in r for r in rec["per_rank"])
+
+
+# Iris (120 training samples) at batch 7: 17 batches of 7, then one of a single sample, which leaves
+# the second data-parallel rank an empty share and gives the pipeline one microbatch for two stages.
+SHORT = ["iris", "--epochs", "1", "--batch-size", "7", "--log-every", "1", "--quiet"]
+SHORT_CASES = [("ddp", ["--strategy", "ddp"]), ("fsdp", ["--strategy", "fsdp"]),
+               ("pipeline", ["--strategy", "pipeline"]), ("tensor", ["--strategy", "tensor"])]
+
+
+@pytest.fixture(scope="module")
+def short_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "single-short"
+    execute(RunConfig(workload="iris", epochs=1, batch_size=7, log_every=1, quiet=True, out=str(out)))
+    return out
+
+
+@pytest.mark.parametrize("name,args", SHORT_CASES, ids=[c[0] for c in SHORT_CASES])
+def test_the_last_short_batch_trains_as_in_one_process(name, args, short_reference, tmp_path):
+    out = tmp_path / name
+    proc = cli("run", *SHORT, *args, "--nproc", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = step_losses(short_reference), step_losses(out)
+    assert len(got) == len(expected) == 18
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+    rec, ref = record(out), record(short_reference)
+    assert rec["steps"] == ref["steps"] == 18 and rec["samples"] == ref["samples"] == 120
+    ref_w, got_w = load_file(short_reference / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in ref_w:
+        torch.testing.assert_close(got_w[key], ref_w[key], rtol=0, atol=5e-5)

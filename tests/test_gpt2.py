@@ -182,3 +182,36 @@ def test_pass_at_k_after_training_goes_into_the_record(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in rec["pass_at_k"].values())
     assert rec["pass_at_k_detail"]["problems"] == 3 and rec["pass_at_k_detail"]["samples"] == 6
     assert "network namespace" in rec["pass_at_k_detail"]["sandbox"]
+
+
+def test_generate_writes_next_to_the_model_not_into_the_current_directory(trained, tmp_path, monkeypatch, capsys):
+    out, _ = trained
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main("generate", "--model", str(out / "model"), "--prompt", "def f(x):", "--max-new-tokens", "4") == 0
+    target = out / "model" / "generations.jsonl"
+    assert f"1 completions -> {target}" in capsys.readouterr().out
+    (line,) = [json.loads(x) for x in target.read_text().splitlines()]
+    assert line["prompt"] == "def f(x):"
+    assert list(cwd.iterdir()) == []  # nothing in the current directory
+    # A hub name has no directory to write next to: --out is then needed, said before loading anything.
+    assert main("generate", "--model", "someorg-not-a-dir", "--prompt", "x") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a directory" in err[0] and "--out FILE.jsonl" in err[0], err
+    assert list(cwd.iterdir()) == []
+
+
+def test_an_empty_share_runs_every_layer_and_adds_zero_gradients():
+    """A data-parallel rank whose share of a short last batch is empty still runs the model (its peers'
+    collectives need it) and contributes nothing."""
+    from parallelnn.workloads import gpt2
+
+    model = gpt2.CausalLM(gpt2.scratch_model(512, 0, seed=0))
+    logits = model(torch.zeros((0, 32), dtype=torch.long))
+    assert logits.shape == (0, 32, 512)
+    loss = gpt2.causal_lm_loss(logits, torch.zeros((0, 32), dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and all(not g.any() for g in grads)

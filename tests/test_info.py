@@ -65,3 +65,57 @@ def test_info_text_from_the_command_line():
 def test_tf32_is_a_cuda_mode():
     with pytest.raises(ValueError):
         measure.peak_tf32_flops(torch.device("cpu"))
+
+
+def test_a_probe_is_the_best_of_several_rounds_and_says_when(monkeypatch, tmp_path, capsys):
+    """A busy machine reads low in some rounds: the peak is the best round, stamped with its time."""
+    monkeypatch.setenv("PARALLELNN_CACHE", str(tmp_path))
+    readings = iter([148e9, 221e9, 150e9])  # what three rounds read while other work comes and goes
+    monkeypatch.setattr(measure, "_probe", lambda device, dtype: next(readings))
+    monkeypatch.setattr(measure, "PROBE_PAUSE_S", 0.0)
+    entry = measure.peak_entry(torch.device("cpu"), refresh=True)
+    assert entry["value"] == 221e9 and entry["source"] == "probe"
+    cached = json.loads((tmp_path / "peak.json").read_text())
+    assert [e["measured_at"] for e in cached.values()] == [entry["measured_at"]]
+    assert entry["measured_at"].endswith("Z") and entry["measured_at"][:4].isdigit()
+    info = info_json(capsys)
+    assert info["peaks"]["cpu"]["fp32_flops"] == 221e9
+    assert info["peaks"]["cpu"]["fp32_measured_at"] == entry["measured_at"]
+
+
+def test_an_older_cache_of_bare_numbers_still_reads(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARALLELNN_CACHE", str(tmp_path))
+    key = measure._cache_key(torch.device("cpu"), torch.float32)
+    (tmp_path / "peak.json").write_text(json.dumps({key: 1.48e11}))
+    assert measure.peak_entry(torch.device("cpu")) == {"value": 1.48e11, "measured_at": None, "source": "probe"}
+
+
+def test_a_run_that_beats_the_cached_peak_has_it_probed_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARALLELNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(measure, "PROBE_PAUSE_S", 0.0)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(measure, "_probe", lambda device, dtype: 148e9)  # probed while the machine was busy
+    first = measure.peak_entry(cpu)
+    assert first["value"] == 148e9
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed although the run stayed below the peak")
+
+    monkeypatch.setattr(measure, "_probe", no_probe)
+    assert measure.check_peak(cpu, 120e9) == 148e9  # below the peak: nothing to do
+    monkeypatch.setattr(measure, "_probe", lambda device, dtype: 220e9)  # the machine is quiet now
+    assert measure.check_peak(cpu, 190e9) == 220e9
+    assert measure.peak_flops(cpu) == 220e9  # every later run divides by the honest peak
+    assert measure.peak_entry(cpu)["measured_at"] >= first["measured_at"]
+
+
+def test_a_peak_is_never_below_work_actually_done(monkeypatch, tmp_path):
+    """With the real probe: a run that reached more than any probe sets the peak itself (MFU <= 1)."""
+    monkeypatch.setenv("PARALLELNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(measure, "PROBE_ROUNDS", 1)
+    cpu = torch.device("cpu")
+    probed = measure.peak_flops(cpu)
+    achieved = 50 * probed  # beyond what this machine can probe
+    assert measure.check_peak(cpu, achieved) == achieved
+    entry = measure.peak_entry(cpu)
+    assert entry["value"] == achieved and entry["source"] == "achieved by a run"

@@ -98,3 +98,60 @@ def test_two_torchrun_invocations_join(tmp_path):
     written = [o for o in outs if (o / "record.json").exists()]
     assert len(written) == 1, "only global rank 0 writes, into its own --out"
     assert record(written[0])["world_size"] == 2 and record(written[0])["strategy"] == "fsdp"
+
+
+def test_node_rank_0_holds_global_rank_0_whichever_machine_starts_first(tmp_path):
+    """Node 1 started first (the lower process id: c10d's rendezvous would have made it rank 0): the
+    record still lands in node 0's --out, and each node says its part and where the record is."""
+    port = free_port()
+    outs = {n: tmp_path / f"node{n}" for n in (0, 1)}
+    cmds = {n: [sys.executable, "-m", "parallelnn", "run", "iris", "--strategy", "ddp", "--nproc", "1", "--nnodes",
+                "2", "--node-rank", str(n), "--rdzv-endpoint", f"127.0.0.1:{port}", "--epochs", "2",
+                "--out", str(outs[n])] for n in (0, 1)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmds[1], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2)
+    second = subprocess.Popen(cmds[0], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    (out1, err1), (out0, err0) = first.communicate(timeout=240), second.communicate(timeout=240)
+    assert first.returncode == 0 and second.returncode == 0, (err0[-2000:], err1[-2000:])
+    assert (outs[0] / "record.json").is_file() and not (outs[1] / "record.json").exists()
+    rec = record(outs[0])
+    assert rec["world_size"] == 2 and rec["nnodes"] == 2 and [r["rank"] for r in rec["per_rank"]] == [0, 1]
+    assert (f"node 0 of 2: global ranks 0..0 finished; global rank 0 writes the record here: "
+            f"{outs[0]}/record.json") in out0
+    assert (f"node 1 of 2: global ranks 1..1 finished; global rank 0 writes the record on node 0 (--node-rank 0, "
+            f"127.0.0.1): {outs[1]}/record.json") in out1
+
+
+def test_sbatch_without_srun_is_refused_at_once(tmp_path):
+    """The batch script of `sbatch --ntasks 2` has SLURM_PROCID=0 and SLURM_NTASKS=2 but one process: rank 0
+    would wait ~10 minutes for a rank 1 that never starts."""
+    for extra in ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": str(0xFFFFFFFE), "SLURM_STEP_NUM_TASKS": "1"}):
+        t0 = time.perf_counter()
+        proc = cli("run", "iris", "--epochs", "1", "--out", str(tmp_path / "o"),
+                   env={"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", **extra},
+                   timeout=60)
+        assert proc.returncode == 2 and time.perf_counter() - t0 < 30
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("parallelnn: error: SLURM_NTASKS=2 promises 2 tasks, but this "
+                                                      "process was not started by srun"), lines
+        assert "run `srun parallelnn run ...`" in lines[0]
+        assert not (tmp_path / "o").exists()
+
+
+def test_two_srun_tasks_join(tmp_path):
+    """What srun gives each task of a 2-task step (its step id and task count among them): they train together."""
+    port = free_port()
+    out = tmp_path / "run"
+    base = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_NNODES": "1", "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "parallelnn", "run", "iris", "--strategy", "ddp", "--epochs",
+                               "1", "--out", str(out), "--quiet"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    assert record(out)["world_size"] == 2

@@ -88,21 +88,20 @@ class DatasetSplit:
 Split = ArraySplit | DatasetSplit
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                  min_size: int = 1) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[torch.Tensor]:
     """The global batches of one epoch as index tensors; the same on every rank.
 
-    A final batch smaller than ``min_size`` (the data-parallel degree) cannot give every rank a
-    sample and is dropped.
+    The last batch is kept however short: one process trains it, so every layout trains it. When it
+    has fewer samples than there are data-parallel ranks, some ranks' shares are empty; they still
+    run the step (forward on zero samples, zero gradients) and take part in its collectives, and the
+    loss scaling (see :mod:`parallelnn.parallel.engine`) makes the averaged gradient exactly that of
+    the batch's mean loss.
     """
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     else:
         order = torch.arange(n)
-    batches = list(torch.split(order, batch_size))
-    if batches and len(batches[-1]) < min_size:
-        batches.pop()
-    return batches
+    return list(torch.split(order, batch_size)) if n else []  # (split makes one empty batch of nothing)
 
 
 def rank_share(batch: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -123,7 +122,7 @@ class BatchPlan:
     start: int = 0  # steps of this epoch already trained (resuming): they are skipped
 
     def global_batches(self) -> list[torch.Tensor]:
-        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle, self.dp_size)
+        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.shuffle)
 
     @property
     def steps(self) -> int:
@@ -185,12 +184,13 @@ class _RankBatches(Sampler):
     def __init__(self, plan: BatchPlan):
         self.plan = plan
 
-    def __len__(self) -> int:
-        return self.plan.steps - self.plan.start
+    def __len__(self) -> int:  # the non-empty shares only: the DataLoader never sees an empty one
+        return sum(1 for idx, _ in self.plan.rank_batches() if len(idx))
 
     def __iter__(self):
         for idx, _ in self.plan.rank_batches():
-            yield idx.tolist()
+            if len(idx):  # an empty share (a last batch shorter than the ranks) is made by DataLoaderLoader
+                yield idx.tolist()
 
 
 class DataLoaderLoader(_Loader):
@@ -207,9 +207,17 @@ class DataLoaderLoader(_Loader):
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        sizes = [n for _, n in self.plan.rank_batches()]
-        for (x, y), n in zip(self.loader, sizes):
+        shares = [(len(idx), n) for idx, n in self.plan.rank_batches()]
+        batches = iter(self.loader) if any(k for k, _ in shares) else iter(())
+        for k, n in shares:
+            x, y = next(batches) if k else self._empty()
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zero-sample batch shaped like the others (the collate function cannot make one from nothing)."""
+        x, y = self.loader.dataset[0]
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return x.new_empty((0, *x.shape)), y.new_empty((0, *y.shape))
 
     def close(self) -> None:
         """Stop the worker processes now (left to garbage collection, their shutdown can stall)."""
@@ -231,7 +239,5 @@ def make_loader(kind: str, split: Split, batch_size: int, device: torch.device, 
 
 
 def steps_per_epoch(n: int, batch_size: int, dp_size: int = 1) -> int:
-    steps = math.ceil(n / batch_size)
-    if steps and n - (steps - 1) * batch_size < dp_size:
-        steps -= 1
-    return steps
+    """Every sample is trained once per epoch, the last batch included, whatever ``dp_size``."""
+    return math.ceil(n / batch_size)

@@ -7,7 +7,8 @@ Stages are split where ``--split`` says, else to balance forward FLOPs (counted 
 
 Stages infer tensor shapes on their first step, so a batch of another size (the last of an epoch)
 gets its own stage objects over the same modules (cached by batch size); if that batch does not
-divide into the microbatches, it uses the largest divisor below --microbatches. Same gradients.
+divide into the microbatches, it uses the largest divisor below --microbatches (and, 1F1B needing a
+microbatch per stage, GPipe's order when that leaves fewer microbatches than stages). Same gradients.
 """
 
 from __future__ import annotations
@@ -172,7 +173,10 @@ class PipelineEngine(Engine):
             if self.schedule_name == "interleaved-1f1b":
                 sched = schedules.ScheduleInterleaved1F1B(stages, m, loss_fn=self._loss, scale_grads=False)
             else:
-                cls = schedules.ScheduleGPipe if self.schedule_name == "gpipe" else schedules.Schedule1F1B
+                # 1F1B needs a microbatch per stage; a batch with fewer (a short last batch, or a per-rank
+                # batch whose only divisor is 1) runs all-forward-then-all-backward: same gradients.
+                gpipe = self.schedule_name == "gpipe" or m < self.n_stages
+                cls = schedules.ScheduleGPipe if gpipe else schedules.Schedule1F1B
                 sched = cls(stages[0], m, loss_fn=self._loss, scale_grads=False)
             self._schedules[batch] = sched
         return self._schedules[batch]
@@ -188,6 +192,12 @@ class PipelineEngine(Engine):
 
     def train_step(self, x, y, scale):
         self.optimizer.zero_grad(set_to_none=True)
+        if len(x) == 0:
+            # This data-parallel group's share of a short last batch is empty, but its peers' FSDP
+            # collectives need every stage to run: one zero sample runs with its loss scaled by 0.
+            self._scale = 0.0
+            self._run(x.new_zeros((1, *x.shape[1:])), y.new_zeros((1, *y.shape[1:])), train=True)
+            return torch.zeros((), device=self.device), self._step_optimizer()
         self._scale = scale
         _, losses = self._run(x, y, train=True)
         total = (torch.stack([l.detach() for l in losses]).sum() / scale if losses
@@ -245,6 +255,10 @@ class PipelineEngine(Engine):
     @torch.no_grad()
     def eval_step(self, x, y=None):
         self._scale = 1.0
+        if len(x) == 0:  # an empty share (see train_step): run one zero sample, return none of it
+            dummy_y = None if y is None else y.new_zeros((1, *y.shape[1:]))
+            out, _ = self._run(x.new_zeros((1, *x.shape[1:])), dummy_y, train=False)
+            return out[:0] if self.is_last and out is not None else None
         out, _ = self._run(x, y, train=False)
         return out if self.is_last else None
 

@@ -63,6 +63,13 @@ class CausalLM(nn.Module):
         self.hf = hf
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.size(0) == 0:
+            # A data-parallel rank's empty share of a last batch shorter than the ranks (loaders.py).
+            # Hugging Face attention cannot reshape zero rows, so one row of token 0 runs and is sliced
+            # away: every layer still runs (FSDP's gathers, DDP's gradient hooks match the other
+            # ranks'), the output has zero rows, and the gradients it adds are exactly zero.
+            dummy = input_ids.new_zeros((1, input_ids.size(1)))
+            return self.hf(input_ids=dummy, use_cache=False).logits[:0].clone()  # (a view upsets FSDP)
         return self.hf(input_ids=input_ids, use_cache=False).logits
 
 
