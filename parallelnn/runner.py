@@ -84,13 +84,18 @@ def default_out(cfg: RunConfig) -> str:
     return os.path.join("runs", f"{stamp}-{cfg.workload}-{cfg.strategy}")
 
 
+def _devices(ctx: launch.Context) -> int:
+    """The devices whose peak the run can use: every GPU, or every machine's CPU."""
+    return ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes
+
+
 def _peak(ctx: launch.Context) -> float:
     """The device peak from the per-machine cache; with several local ranks only one of them probes."""
     if ctx.multi_rank:
         if ctx.local_rank == 0:
             measure.peak_flops(ctx.device)
         dist.barrier()
-    return measure.peak_flops(ctx.device) * (ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes)
+    return measure.peak_flops(ctx.device) * _devices(ctx)
 
 
 def _baseline(cfg: RunConfig, workload: Workload, device: torch.device) -> dict[str, Any] | None:
@@ -285,8 +290,11 @@ def _results(state: LoopState) -> dict[str, Any]:
 
 def _measurements(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     trainer, engine, state = trained.trainer, setup.engine, trained.state
-    return {"flops_per_sample": setup.flops_per_sample, "peak_flops": setup.peak_flops,
-            "mfu": measure.mfu(setup.flops_per_sample, rate, setup.peak_flops),
+    devices = _devices(setup.ctx)  # a run faster than the cached peak has it probed again (it was busy then)
+    peak = measure.check_peak(setup.ctx.device, setup.flops_per_sample * rate / devices) * devices
+    return {"flops_per_sample": setup.flops_per_sample, "peak_flops": peak,
+            "peak_measured_at": measure.peak_measured_at(setup.ctx.device),
+            "mfu": measure.mfu(setup.flops_per_sample, rate, peak),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
             "tensor_bytes": max((r["tensor_bytes"]["total"] for r in per_rank if r["tensor_bytes"]), default=None),
             "first_step_seconds": trainer.first_step_seconds, "startup_seconds": trainer.startup_seconds,
