@@ -161,6 +161,41 @@ def remember(key: str, value: Any) -> None:
     cache.write_text(json.dumps(stored, indent=1))
 
 
+def loopback(world: int) -> dict[str, dict[str, float]]:
+    """Without other processes: the loopback transport gloo uses (TCP through the kernel), timed in this
+    process between two sockets, as the collectives' link (every kind the same; a ring of ``world`` moves
+    2(n-1)/n of the bytes twice for an all-reduce, which :func:`parallelnn.advise.local.link_for` applies)."""
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    points = []
+    try:
+        for size in SIZES:
+            payload = b"x" * size
+            times = []
+            for _ in range(5):
+                got = bytearray()
+
+                def read():
+                    while len(got) < size:
+                        got.extend(b.recv(size - len(got)))
+
+                reader = threading.Thread(target=read)
+                t0 = time.perf_counter()
+                reader.start()
+                a.sendall(payload)
+                reader.join()
+                times.append(time.perf_counter() - t0)
+            points.append((size, statistics.median(times[1:])))
+    finally:
+        a.close()
+        b.close()
+    one = fit(points)
+    # A two-rank all-reduce is a send each way at once: the fitted one-way figures, as all_reduce's fit.
+    return {kind: dict(one) for kind in KINDS}
+
+
 def describe(fitted: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v['latency'] * 1e6:.0f} µs + {v['bandwidth'] / 1e9:.2f} GB/s"
                      for k, v in fitted.items())

@@ -52,8 +52,10 @@ class Machine:
     for each process count N, the rate of N processes stepping at once (each with its share of the cores:
     they contend for memory bandwidth too) and their collectives."""
 
-    def __init__(self, workload, cfg, stats: ModelStats):
-        self.workload, self.cfg, self.stats = workload, cfg, stats
+    def __init__(self, workload, cfg, stats: ModelStats, concurrent: bool = True):
+        """``concurrent=False``: calibrate with this one process only (each rank's thread count, and the
+        loopback transport measured in-process), to test how well the model extrapolates to N processes."""
+        self.workload, self.cfg, self.stats, self.concurrent = workload, cfg, stats, concurrent
         self.rates: dict[tuple[int, int], float] = {}  # (processes, pass batch) -> FLOP/s of one rank
         self.links: dict[int, dict[str, Any]] = {}
 
@@ -63,6 +65,11 @@ class Machine:
         for c in candidates:
             needed.setdefault(c.layout.world_size, set()).add(pass_batch(c, global_batch))
         for n, batches in sorted(needed.items()):
+            if n > 1 and not self.concurrent:
+                self.links[n] = calibrate.loopback(n)
+                for b in sorted(batches):
+                    self.rates[(n, b)] = self._rate(calibrate.step_seconds(self.workload, self.cfg, threads_for(n), b), b)
+                continue
             if n == 1:
                 for b in sorted(batches):
                     self.rates[(1, b)] = self._rate(calibrate.step_seconds(self.workload, self.cfg, cores(), b), b)

@@ -1,0 +1,116 @@
+"""How good are advise's predictions here? Every candidate layout it can run on this machine is predicted,
+then run for real (a short trial, measured after warm-up), and the two are compared.
+
+    python benchmarks/advise_accuracy.py                          # mnist, the digits CNN, the tiny LM; up to 2 processes
+    python benchmarks/advise_accuracy.py --workloads mnist --nproc-max 2
+    python benchmarks/advise_accuracy.py --extrapolate            # calibrate with 1 process, predict 2 (and 4, apart)
+
+Prints, per workload, predicted vs measured step time and memory per rank (the tensor bytes each trial's
+largest rank held) with their errors; then the median and p90 of the step-time errors, the memory errors,
+Kendall's tau between the predicted and the measured ranking, and whether advise's recommendation (its
+own choice of at most 8 trials) is within 5% of the best candidate measured here. Timings on a shared
+machine move: run it when the machine is quiet, and read the ratios, not single figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from parallelnn.advise import advisor, trials  # noqa: E402
+from parallelnn.advise.costs import ModelStats  # noqa: E402
+from parallelnn.advise.local import Machine  # noqa: E402
+from parallelnn.advise.stats import model_stats  # noqa: E402
+from parallelnn.config import RunConfig  # noqa: E402
+from parallelnn.runner import build_workload, check  # noqa: E402
+
+DEFAULT = ["mnist", "examples/digits_cnn.py:build", "examples/tiny_lm.py:build"]
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    score = sum((a[i] - a[j]) * (b[i] - b[j]) > 0 for i, j in pairs) - sum(
+        (a[i] - a[j]) * (b[i] - b[j]) < 0 for i, j in pairs)
+    return score / len(pairs) if pairs else float("nan")
+
+
+def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path) -> list[advisor.Row]:
+    cfg = check(RunConfig(workload=name, quiet=True))
+    cfg, workload = build_workload(cfg, torch.device("cpu"), lambda m: None)
+    stats = ModelStats(**model_stats(workload))
+    machine = Machine(workload, cfg, stats, concurrent=concurrent)
+    rows = advisor.candidates(nproc_max, cfg, workload)
+    advisor.predict_all(rows, machine, cfg)
+    for row in rows:
+        if row.feasible:
+            row.trial = trials.run_trial(cfg, row.candidate, out / advisor.slug(row.candidate), 180,
+                                         len(workload.train))
+    return rows
+
+
+def report(name: str, rows: list[advisor.Row], count: int) -> dict:
+    measured = [r for r in rows if r.trial and r.trial.step_seconds]
+    print(f"\n{name}: {len(measured)} candidates measured of {len(rows)}")
+    print(f"  {'candidate':36} {'pred ms':>8} {'meas ms':>8} {'err':>6}   {'pred MB':>8} {'meas MB':>8} {'err':>6}")
+    time_errors, memory_errors = [], []
+    for r in sorted(measured, key=lambda r: r.trial.step_seconds):
+        p, t = r.prediction, r.trial
+        err = (p.step_seconds - t.step_seconds) / t.step_seconds
+        time_errors.append(abs(err))
+        mem = (p.memory_bytes_per_rank - t.tensor_bytes) / t.tensor_bytes if t.tensor_bytes else float("nan")
+        memory_errors.append((r.candidate.strategy, mem))
+        print(f"  {r.candidate.label()[:36]:36} {p.step_seconds * 1e3:8.2f} {t.step_seconds * 1e3:8.2f} {err:+6.0%}   "
+              f"{p.memory_bytes_per_rank / 1e6:8.2f} {(t.tensor_bytes or 0) / 1e6:8.2f} {mem:+6.0%}")
+    for r in rows:
+        if r.trial and not r.trial.step_seconds:
+            print(f"  {r.candidate.label()[:36]:36} trial failed: {r.trial.reason}")
+    tau = kendall_tau([r.prediction.step_seconds for r in measured], [r.trial.step_seconds for r in measured])
+    best = min(r.trial.step_seconds for r in measured)
+    chosen = advisor.choose_trials(rows, count, budget=1e9)
+    picked = min((r.trial.step_seconds for r in chosen if r.trial and r.trial.step_seconds), default=float("inf"))
+    return {"time": time_errors, "memory": memory_errors, "tau": tau, "recommendation_gap": picked / best - 1}
+
+
+def summary(results: dict[str, dict]) -> None:
+    errors = sorted(e for r in results.values() for e in r["time"])
+    if not errors:
+        return
+    p90 = errors[min(len(errors) - 1, int(round(0.9 * (len(errors) - 1))))]
+    print(f"\nstep time: median error {statistics.median(errors):.1%}, p90 {p90:.1%} over {len(errors)} candidates")
+    memory = [abs(m) for r in results.values() for _, m in r["memory"] if m == m]
+    under = [m for r in results.values() for _, m in r["memory"] if m == m and m < -0.05]
+    print(f"memory: median error {statistics.median(memory):.1%}, worst {max(memory):.1%}, "
+          f"{len(under)} more than 5% under")
+    for name, r in results.items():
+        print(f"{name}: Kendall tau {r['tau']:.2f}; advise's pick {r['recommendation_gap']:+.1%} from the best measured")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=DEFAULT)
+    p.add_argument("--nproc-max", type=int, default=2)
+    p.add_argument("--trials", type=int, default=8, help="advise's trial count, for the recommendation check")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="calibrate with one process only (rates at each thread count, no collectives measured)")
+    args = p.parse_args()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for name in args.workloads:
+            rows = evaluate(name, args.nproc_max, not args.extrapolate, Path(tmp) / Path(name).stem)
+            results[name] = report(name, rows, args.trials)
+    summary(results)
+    print(f"({time.time() - t0:.0f} s; calibration {'with one process' if args.extrapolate else 'as advise does'})")
+
+
+if __name__ == "__main__":
+    main()
