@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import parallelnn
 from conftest import ROOT, cli, main, record, step_losses
@@ -165,3 +166,26 @@ def test_spec_from_a_package_module_is_accepted_by_the_config(tmp_path):
     cfg = RunConfig(workload="tests.workload_samples:small_workload", out=str(tmp_path / "m"), quiet=True)
     rec = execute(cfg)
     assert rec["workload_spec"] == "tests.workload_samples:small_workload" and rec["workload_sha256"]
+
+
+def test_hugging_face_datasets_train_as_the_same_arrays_do(tmp_path):
+    """A datasets.Dataset (in memory, and load_dataset on a local CSV) with its two columns named."""
+    datasets = pytest.importorskip("datasets")
+    w = small_workload()
+    X, y = torch.as_tensor(w.train[0]), torch.as_tensor(w.train[1])
+    table = datasets.Dataset.from_dict({"features": X.tolist(), "label": y.tolist()})
+    as_hf = parallelnn.Workload(model=w.model, train=table, test=w.test, columns=("features", "label"), epochs=2,
+                                batch_size=16)
+    parallelnn.run(as_hf, out=str(tmp_path / "hf"), quiet=True, log_every=1)
+    parallelnn.run(small_workload(), out=str(tmp_path / "arrays"), quiet=True, log_every=1)
+    assert step_losses(tmp_path / "hf") == pytest.approx(step_losses(tmp_path / "arrays"), rel=1e-5)
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b,label\n" + "".join(f"{i * 0.1},{-i * 0.2},{i % 2}\n" for i in range(40)))
+    loaded = datasets.load_dataset("csv", data_files=str(csv), split="train")
+    pairs = loaded.map(lambda r: {"x": [r["a"], r["b"]]})
+    rec = parallelnn.run(parallelnn.Workload(model=nn.Linear(2, 2), train=pairs, test=pairs, columns=("x", "label"),
+                                             epochs=1, batch_size=8), out=str(tmp_path / "csv"), quiet=True)
+    assert rec["steps"] == 5 and rec["test_accuracy"] is not None
+    with pytest.raises(UserError, match="name its input and target columns"):
+        parallelnn.run(parallelnn.Workload(model=nn.Linear(2, 2), train=pairs, test=pairs), out=str(tmp_path / "x"))

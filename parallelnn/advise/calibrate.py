@@ -55,6 +55,7 @@ def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]
     import torch.distributed as dist
 
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in KINDS}
     for size in SIZES:
         n = size // 4
@@ -63,7 +64,7 @@ def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]
         gathered = torch.empty(n // world * world)
         ops = {
             "all_reduce": lambda: dist.all_reduce(t),
-            "all_gather": lambda: dist.all_gather_into_tensor(gathered, parts[: n // world]),
+            "all_gather": lambda: all_gather(gathered, parts[: n // world]),
             "reduce_scatter": lambda: reduce_scatter(parts[: n // world].clone(), parts),
             "send_recv": lambda: (dist.send(t, 1) if rank == 0 else dist.recv(t, 0)) if rank < 2 else None,
         }
