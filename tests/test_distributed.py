@@ -30,11 +30,16 @@ CASES = [  # (id, extra arguments, processes)
 ]
 
 
+def single_process(tmp_path_factory, name: str, **options):
+    """The single-process run every layout is compared with."""
+    out = tmp_path_factory.mktemp("ref") / name
+    execute(RunConfig(epochs=1, log_every=1, quiet=True, out=str(out), **options))
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "single"
-    execute(RunConfig(workload="mnist", epochs=1, limit=300, log_every=1, quiet=True, out=str(out)))
-    return out
+    return single_process(tmp_path_factory, "single", workload="mnist", limit=300)
 
 
 @pytest.mark.parametrize("name,args,nproc", CASES, ids=[c[0] for c in CASES])
@@ -69,9 +74,7 @@ SHORT_CASES = [("ddp", ["--strategy", "ddp"]), ("fsdp", ["--strategy", "fsdp"]),
 
 @pytest.fixture(scope="module")
 def short_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "single-short"
-    execute(RunConfig(workload="iris", epochs=1, batch_size=7, log_every=1, quiet=True, out=str(out)))
-    return out
+    return single_process(tmp_path_factory, "single-short", workload="iris", batch_size=7)
 
 
 @pytest.mark.parametrize("name,args", SHORT_CASES, ids=[c[0] for c in SHORT_CASES])
