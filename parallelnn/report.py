@@ -20,6 +20,7 @@ import datetime as _dt
 import glob
 import html
 import io
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -318,6 +319,9 @@ def build_report(sources: Sequence[Any], out_dir: str | os.PathLike, formats: st
 
     figures = _plots(groups, out)
     sections = [(t, list(r), list(c)) for t, r, c in tables]
+    advice_sections, advice_figures = _advice(sources, out)
+    sections += advice_sections
+    figures = advice_figures + figures
     atomic_write_text(out / "index.md", _index_md(title, report, figures, sections, out))
     report.paths.append(out / "index.md")
     if "html" in formats:
@@ -364,6 +368,51 @@ def _plots(groups: list[tuple[str, list[Run]]], out: Path) -> list[tuple[str, st
         if sentence:
             figures.append((heading, f"plots/{name}", sentence))
     return figures
+
+
+ADVICE_COLUMNS = ("candidate", "predicted_ms", "measured_ms", "error", "memory_mb", "note")
+
+
+def _advice(sources: Sequence[Any], out: Path) -> tuple[list, list]:
+    """For each advise directory among the sources (its ``advice.json``): its ranked candidates as a table,
+    and its predicted-vs-measured plot with the recommendation as the sentence."""
+    sections, figures = [], []
+    found = []
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(os.path.expanduser(str(source)))
+            found += [path] if path.name == "advice.json" else sorted(path.rglob("advice.json")) if path.is_dir() else []
+    for i, path in enumerate(found):
+        try:
+            advice = json.loads(path.read_text())
+            rows = [{"candidate": c["label"], "predicted_ms": _ms(c.get("predicted_step_seconds")),
+                     "measured_ms": _ms(c.get("measured_step_seconds")),
+                     "error": _error(c.get("predicted_step_seconds"), c.get("measured_step_seconds")),
+                     "memory_mb": round(c["memory_bytes_per_rank"] / 1e6, 2) if c.get("memory_bytes_per_rank") else None,
+                     "note": c.get("reason") or ((c.get("trial") or {}).get("reason") or "")}
+                    for c in advice["candidates"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warn(f"skipped {path}: not readable advice ({err})")
+            continue
+        rec = advice.get("recommendation") or {}
+        sections.append((f"Advice for {advice.get('workload')}: {rec.get('sentence', 'no trial was measured')}",
+                         rows, list(ADVICE_COLUMNS)))
+        from parallelnn.advise.answer import plot
+
+        name = f"advice-{i + 1}.png"
+        if plot(advice, out / "plots" / name):
+            figures.append((f"Advice for {advice.get('workload')}", f"plots/{name}",
+                            "Predicted beside measured samples/s of each trial of parallelnn advise; "
+                            + (f"recommended: {rec['sentence']}" if rec else "no trial was measured") + "."))
+    return sections, figures
+
+
+def _ms(seconds: Any) -> float | None:
+    return round(seconds * 1e3, 2) if seconds else None
+
+
+def _error(predicted: Any, measured: Any) -> str:
+    return f"{(predicted - measured) / measured:+.0%}" if predicted and measured else ""
 
 
 def _sources_line(report: Report) -> str:

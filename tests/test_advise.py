@@ -114,3 +114,12 @@ def test_a_workload_that_fails_its_first_step_is_named(tmp_path, capsys):
     assert main("advise", f"{task}:build", "--out", str(tmp_path / "a")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the model's forward failed on a batch of inputs shaped [2x4]" in err[0]
+
+
+@pytest.mark.distributed
+def test_report_shows_the_advice(iris_advice, tmp_path):
+    _, out = iris_advice
+    assert main("report", str(out), "--out", str(tmp_path / "r")) == 0
+    index = (tmp_path / "r" / "index.md").read_text()
+    assert "## Advice for iris:" in index and "| candidate | predicted ms | measured ms |" in index
+    assert (tmp_path / "r" / "plots" / "advice-1.png").stat().st_size > 5000
