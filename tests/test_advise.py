@@ -123,3 +123,22 @@ def test_report_shows_the_advice(iris_advice, tmp_path):
     index = (tmp_path / "r" / "index.md").read_text()
     assert "## Advice for iris:" in index and "| candidate | predicted ms | measured ms |" in index
     assert (tmp_path / "r" / "plots" / "advice-1.png").stat().st_size > 5000
+
+
+def test_a_1_5b_gpt_is_predicted_for_32_gpus_without_being_built(tmp_path, capsys):
+    """--trials 0 --predict: the model's factory runs on the meta device; nothing of 6 GB is allocated."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = tmp_path / "gpt"
+    assert main("advise", "examples/gpt_1_5b.py:build", "--trials", "0", "--predict", "4x8xV100-ib1",
+                "--precision", "fp16", "--json", "--out", str(out)) == 0
+    advice = json.loads(capsys.readouterr().out)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    assert grown < 2e9  # the fp32 weights alone would be 6.2 GB
+    assert advice["model"]["parameters"] > 1.5e9 and advice["predict"]["hardware"] == "4x8xV100-ib1"
+    rows = advice["predict"]["rows"]
+    assert {r["devices"] for r in rows} == {1, 2, 4, 8, 16, 32}
+    assert any(r["strategy"] == "ddp" and not r["feasible"] and "needs" in r["reason"] for r in rows)
+    assert advice["recommendation"]["measured_samples_per_second"] is None
+    assert (out / "predicted-4x8xV100-ib1.png").stat().st_size > 10000

@@ -51,7 +51,8 @@ def add_parser(verbs) -> None:
     g.add_argument("--budget-seconds", type=float, default=100.0, metavar="S",
                    help="wall-clock budget of the trials (default: 100)")
     g.add_argument("--trials", type=int, default=MAX_TRIALS, metavar="K",
-                   help=f"short measured runs at most, the single process included (default and most: {MAX_TRIALS})")
+                   help=f"short measured runs at most, the single process included (default and most: {MAX_TRIALS}); "
+                        "0 with --predict: prediction only, the model built on the meta device (no memory)")
     g.add_argument("--predict", metavar="HW", help="also predict on other hardware: a preset (8xH100-nvlink, "
                    "2x8xH100-ib, 8xA100-pcie, 4x8xV100-ib1) or figures 'gpus_per_node=8,bf16_tflops=989,...'")
     g.add_argument("--json", action="store_true", help="print the advice as JSON")
@@ -86,8 +87,8 @@ def _settings(ns: argparse.Namespace, cfg) -> tuple[int, float, int]:
     if nproc_max > 4 * cores():
         raise UserError(f"--nproc-max {nproc_max}: {nproc_max} processes on {cores()} cores cannot tell anything "
                         f"about speed (at most {4 * cores()})")
-    if not 1 <= ns.trials <= MAX_TRIALS:
-        raise UserError(f"--trials {ns.trials}: between 1 and {MAX_TRIALS}")
+    if not (1 if not ns.predict else 0) <= ns.trials <= MAX_TRIALS:
+        raise UserError(f"--trials {ns.trials}: between 1 and {MAX_TRIALS} (0 only with --predict)")
     if not ns.budget_seconds > 0:
         raise UserError(f"--budget-seconds {ns.budget_seconds}: must be positive")
     return nproc_max, ns.budget_seconds, ns.trials
@@ -181,6 +182,24 @@ def slug(c: Candidate) -> str:
     return re.sub(r"[^a-z0-9]+", "-", c.label().lower()).strip("-")
 
 
+def meta_stats(cfg) -> ModelStats:
+    """The model's statistics without building it: its factory called on the meta device (no memory), for
+    models larger than this machine holds."""
+    from torch import nn
+
+    from parallelnn import workloads
+    from parallelnn.advise.predict import stats_from_meta
+    from parallelnn.workload import to_split
+
+    made = workloads.builder(cfg.workload)(cfg, torch.device("cpu"), lambda m: None)
+    if isinstance(made.model, nn.Module) or not callable(made.model):
+        raise UserError("--trials 0 builds the model on the meta device: give Workload(model=...) a function that "
+                        "returns the model, not the model itself")
+    sample = to_split(made.train, "train", made.columns).head(1)
+    x = sample.prepare(sample.inputs)
+    return stats_from_meta(made.model, tuple(x.shape), input_dtype=x.dtype, blocks=made.blocks)
+
+
 def cmd_advise(ns: argparse.Namespace) -> int:
     from parallelnn.options import config_from_args
     from parallelnn.runner import build_workload, check
@@ -194,6 +213,10 @@ def cmd_advise(ns: argparse.Namespace) -> int:
         hardware = parse_hardware(ns.predict)
     out = _out_dir(cfg)
     log = (lambda m: None) if (cfg.quiet or ns.json) else (lambda m: print(m, flush=True))
+    if ns.trials == 0:
+        from parallelnn.advise.answer import predict_only
+
+        return predict_only(meta_stats(cfg), cfg, out, hardware, ns.json, log)
     t0 = time.monotonic()
     cfg, workload = build_workload(cfg, torch.device("cpu"), log=lambda m: None)
     stats = ModelStats(**model_stats(workload))

@@ -151,6 +151,32 @@ def write_answer(rows, cfg, stats, machine, out: Path, hardware, as_json: bool, 
     return 0
 
 
+def predict_only(stats: ModelStats, cfg, out: Path, hardware, as_json: bool, log) -> int:
+    """``--trials 0 --predict HW``: the predictions alone (the model was never built for real)."""
+    batch = cfg.batch_size or 64
+    cfg = type(cfg)(**{**cfg.to_dict(), "batch_size": batch})
+    advice = {"format_version": FORMAT_VERSION, "workload": cfg.workload, "batch_size": batch, "device": "meta",
+              "recommendation": None, "candidates": [], "model": vars(stats)}
+    out.mkdir(parents=True, exist_ok=True)
+    advice["predict"] = predicted(stats, hardware, cfg, out, (lambda m: None) if as_json else log)
+    best = max((r for r in advice["predict"]["rows"] if r["feasible"]), key=lambda r: r["samples_per_second"], default=None)
+    if best:
+        advice["recommendation"] = {"strategy": best["strategy"], "nproc": best["devices"], "label": best["label"],
+                                    "mesh": None, "microbatches": best.get("microbatches"),
+                                    "predicted_samples_per_second": best["samples_per_second"],
+                                    "measured_samples_per_second": None,
+                                    "sentence": f"predicted on {hardware.name}: {best['label']} on {best['devices']} "
+                                                f"devices, {best['samples_per_second']:,.1f} samples/s (not measured)"}
+    atomic_write_json(out / ADVICE, advice)
+    if as_json:
+        json.dump(advice, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        log(f"recommendation: {advice['recommendation']['sentence']}" if best else "no layout fits this hardware")
+        log(f"advice: {out / ADVICE}, {advice['predict']['plot']}")
+    return 0
+
+
 def predicted(stats: ModelStats, hardware, cfg, out: Path, log) -> dict[str, Any]:
     """``--predict HW``: every strategy and degree on that hardware against the number of devices."""
     from parallelnn.advise.predict import plot_curves, predict_curves
