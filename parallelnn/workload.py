@@ -33,22 +33,10 @@ from torch import nn
 
 from parallelnn.data.loaders import ArraySplit, DatasetSplit, Split
 from parallelnn.errors import UserError
+from parallelnn.tasks import TASKS, Metrics
 
 #: params, lr, total optimizer steps -> (optimizer, LR scheduler or None); the steps let schedules plan decay.
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, int], tuple[torch.optim.Optimizer, Any]]
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """How a workload is evaluated: sums added over batches and ranks, then turned into metrics."""
-
-    #: The names ``sums`` returns, in a fixed order (ranks without outputs, e.g. early pipeline stages,
-    #: contribute zeros under these names).
-    keys: tuple[str, ...]
-    #: outputs, targets -> {key: summed tensor} for one batch (e.g. loss_sum, correct, count).
-    sums: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
-    #: totals over the whole test split -> the record's metrics (e.g. test_accuracy, test_loss).
-    summarize: Callable[[dict[str, float]], dict[str, float]]
 
 
 class TensorPlan(Protocol):
@@ -272,8 +260,6 @@ def _first_line(err: BaseException) -> str:
 def complete(w: Workload, seed: int, name: str) -> Workload:
     """``w`` with every field the run uses made concrete and checked (``name``: the dataset's default name)."""
     from dataclasses import replace
-
-    from parallelnn.workloads.tasks import TASKS
 
     model = w.model
     if not isinstance(model, nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
 from parallelnn.workload import Metrics, TensorPlan, Workload, adam, complete, sequential_layers  # noqa: F401
-from parallelnn.workloads.tasks import ACCURACY, classification_loss
+from parallelnn.tasks import ACCURACY, classification_loss
 
 BUILTIN = {
     "iris": "parallelnn.workloads.iris",

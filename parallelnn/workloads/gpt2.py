@@ -36,7 +36,7 @@ from parallelnn.data import text
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError, warn
 from parallelnn.workloads import Workload, gpt2_parallel
-from parallelnn.workloads.tasks import LM, lm_loss
+from parallelnn.tasks import LM, lm_loss
 from parallelnn.workloads.pretrained import check_vocab, complete, load_pretrained, max_positions, no_progress_bars
 
 DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 3e-4, "log_every": 5, "max_grad_norm": 1.0}  # Workload fields

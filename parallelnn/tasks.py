@@ -14,10 +14,26 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from parallelnn.workload import Metrics
+
+@dataclass(frozen=True)
+class Metrics:
+    """How a workload is evaluated: sums added over batches and ranks, then turned into metrics."""
+
+    #: The names ``sums`` returns, in a fixed order (ranks without outputs, e.g. early pipeline stages,
+    #: contribute zeros under these names).
+    keys: tuple[str, ...]
+    #: outputs, targets -> {key: summed tensor} for one batch (e.g. loss_sum, correct, count).
+    sums: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    #: totals over the whole test split -> the record's metrics (e.g. test_accuracy, test_loss).
+    summarize: Callable[[dict[str, float]], dict[str, float]]
+
+
 
 
 def classification_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
