@@ -181,7 +181,7 @@ def test_pass_at_k_after_training_goes_into_the_record(tmp_path):
     assert set(rec["pass_at_k"]) == {"pass@1", "pass@2"}
     assert all(0.0 <= v <= 1.0 for v in rec["pass_at_k"].values())
     assert rec["pass_at_k_detail"]["problems"] == 3 and rec["pass_at_k_detail"]["samples"] == 6
-    assert "network namespace" in rec["pass_at_k_detail"]["sandbox"]
+    assert "mount, network and pid namespaces" in rec["pass_at_k_detail"]["sandbox"]
 
 
 def test_generate_writes_next_to_the_model_not_into_the_current_directory(trained, tmp_path, monkeypatch, capsys):
