@@ -105,6 +105,8 @@ class RunConfig:
     checkpoint_dir: str | None = opt(None, "where checkpoints go (default OUT/checkpoints)", metavar="DIR")
     keep: int = opt(2, "complete checkpoints to keep", metavar="K")
     resume: str | None = opt(None, "'auto' (newest complete checkpoint) or a checkpoint path", metavar="auto|PATH")
+    allow_changes: bool = opt(False, "--resume with another --seed/--limit/--batch-size/--data than the "
+                              "checkpoint's (refused otherwise; the record lists the changes)", flag=True)
 
     # Filled in by the CLI, not by the user.
     command: str = field(default="", metadata={"internal": True})
@@ -245,6 +247,8 @@ def config_to_argv(cfg: RunConfig) -> list[str]:
             argv.append(option_name(f))
         elif f.metadata.get("negatable"):
             argv.append(option_name(f) if value else "--no-" + option_name(f)[2:])
+        elif value is not None and str(value).startswith("-"):
+            argv.append(f"{option_name(f)}={value}")  # one argument: '--out -x' would be two options
         elif value is not None:
             argv += [option_name(f), str(value)]
     return argv

@@ -311,14 +311,12 @@ def spawn(cfg, argv: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "parallelnn", *argv)
     except SignalException as err:  # this launcher was told to stop: the ranks saved a checkpoint
-        raise LaunchFailed(f"stopped by {signal.Signals(err.sigval).name}; to continue, run the same command "
-                           "with --resume auto", 128 + err.sigval, stopped=True) from None
+        raise LaunchFailed(f"stopped by {signal.Signals(err.sigval).name}", 128 + err.sigval, stopped=True) from None
     except ChildFailedError as err:
         codes = {f.exitcode for f in err.failures.values()}
         stop_codes = {128 + signal.SIGTERM, 128 + signal.SIGINT}
         if codes <= stop_codes:  # every failed rank stopped on a signal, after saving a checkpoint
-            raise LaunchFailed("stopped by a signal; to continue, run the same command with --resume auto",
-                               codes.pop(), stopped=True) from None
+            raise LaunchFailed("stopped by a signal", codes.pop(), stopped=True) from None
         rank, failure = root_failure(err.failures)
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         what = failure_message(failure)

@@ -22,9 +22,10 @@ from parallelnn import launch, measure, parallel, workloads
 from parallelnn.config import RunConfig, config_to_argv
 from parallelnn.data.loaders import make_loader, steps_per_epoch
 from parallelnn.errors import UserError, warn
-from parallelnn.checkpoint import Checkpointer
+from parallelnn.checkpoint import Checkpointer, resume_hint
 from parallelnn.progress import Progress
-from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
+from parallelnn.record import (Recorder, hardware, lock_out_dir, prepare_out_dir, read_record, unlock_out_dirs,
+                               versions, write_or_explain)
 from parallelnn.trainer import PROGRESS_FILE, Hooks, Trainer, final_eval
 from parallelnn.watchdog import Watchdog
 
@@ -60,11 +61,13 @@ def execute(cfg: RunConfig, hooks: Hooks | None = None) -> dict[str, Any] | None
     try:
         result = _execute(cfg, ctx, hooks)
     except BaseException:
+        unlock_out_dirs()
         if not ctx.multi_rank:
             launch.teardown()
         # A failing rank leaves its peers mid-collective: tearing the group down now can crash or
         # hang, which would hide this rank's own error. The process is about to end anyway.
         raise
+    unlock_out_dirs()
     launch.teardown()
     return result
 
@@ -78,6 +81,8 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     out = Path(launch.agree(cfg.out or default_out(cfg), ctx))
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
         prepare_out_dir(out, cfg.overwrite)
+    if ctx.is_main and not os.environ.get(launch.SPAWNED_ENV):  # a spawned job's parent holds the lock
+        lock_out_dir(out, announce_takeover=ctx.restart_count == 0)
     log = (lambda msg: print(msg, flush=True)) if ctx.is_main and not cfg.quiet else (lambda msg: None)
 
     workload = workloads.load(cfg.workload)
@@ -117,7 +122,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
             f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
     unit = "tokens" if built.tokens_per_sample else "samples"
     progress = Progress(ctx.is_main and not cfg.quiet, len(loaders[0]) * cfg.epochs, cfg.epochs, unit=unit)
-    checkpointer = Checkpointer(cfg, ctx, engine, built, Path(cfg.checkpoint_dir or out / "checkpoints"))
+    checkpointer = Checkpointer(cfg, ctx, engine, built, Path(cfg.checkpoint_dir or out / "checkpoints"), out, recorder)
     if cfg.checkpoint_every:
         checkpointer.check_writable()
     trainer = Trainer(engine, built, cfg, ctx, loaders[0], loaders[1], recorder, progress, hooks, checkpointer)
@@ -148,9 +153,10 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     state_dict = engine.full_state_dict()  # collective: every rank takes part
     if ctx.is_main:
         if built.save is not None:
-            built.save(state_dict, str(out / "model"))
+            write_or_explain(out / "model", lambda: built.save(state_dict, str(out / "model")), trainer.last_checkpoint)
         else:
-            save_weights(state_dict, out / "model.safetensors")
+            write_or_explain(out / "model.safetensors", lambda: save_weights(state_dict, out / "model.safetensors"),
+                             trainer.last_checkpoint)
     if not ctx.is_main:
         recorder.close()
         return None
@@ -176,6 +182,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         "per_rank": per_rank, "restarts": ctx.restart_count, "resumes": state.resumes,
         "lost_steps": state.lost_steps, "resumed_from": str(resumed_from) if resumed_from else None,
         "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+        "run_id": checkpointer.run_id, "resume_changes": checkpointer.changes or None,
         "hardware": hardware(ctx.device), "versions": versions(),
         "command": cfg.command or "parallelnn run " + " ".join(config_to_argv(cfg)),
         "config": cfg.to_dict(), "started_at": started, "finished_at": time.time(), "out": str(out),
@@ -192,7 +199,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         record["eval_loss"] = record["test_loss"]
     if baseline is not None:
         record.update(compare_to_baseline(record, baseline))
-    recorder.finish(record)
+    recorder.finish(record, trainer.last_checkpoint)
     recorder.close()
     return record
 
@@ -205,9 +212,9 @@ class Stopped(Exception):
 
         self.signum, self.exit_code = signum, 128 + signum
         name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint could be saved"
-        super().__init__(f"stopped by {name} after step {step}; {where}; to continue, run the same "
-                         "command with --resume auto")
+        where = (f"checkpoint {checkpoint}; to continue, run the same command with --resume auto" if checkpoint
+                 else "no checkpoint could be saved: a new run starts from the beginning")
+        super().__init__(f"stopped by {name} after step {step}; {where}")
 
 
 @contextlib.contextmanager
@@ -247,7 +254,7 @@ def resume(cfg: RunConfig, ctx: launch.Context, checkpointer: Checkpointer, trai
             warn(f"no complete checkpoint in {checkpointer.directory}; starting from the beginning")
         recorder.log("restart", restart=ctx.restart_count, checkpoint=None, **{"train/global_step": 0})
         return None
-    checkpointer.load(path, trainer)
+    checkpointer.load(path, loop=trainer)
     s = trainer.state
     lost = 0
     if ctx.is_main:
@@ -357,11 +364,15 @@ def run_command(cfg: RunConfig) -> int:
             return 0  # the parent that spawned this rank prints the summary
     elif cfg.world_size > 1 or cfg.max_restarts > 0:  # torchrun's agent also restarts a lone process
         cfg = preflight(cfg)
+        lock_out_dir(cfg.out)
         try:
             launch.spawn(cfg, ["run", *config_to_argv(cfg)])
         except launch.LaunchFailed as err:
-            print(f"parallelnn: {'' if err.stopped else 'error: '}{err}", flush=True, file=sys.stderr)
+            hint = resume_hint(cfg) if err.stopped else ""
+            print(f"parallelnn: {'' if err.stopped else 'error: '}{err}{hint}", flush=True, file=sys.stderr)
             return err.exit_code
+        finally:
+            unlock_out_dirs()
         record_path = Path(cfg.out) / "record.json"
         record = read_record(record_path) if record_path.is_file() else None
     else:
