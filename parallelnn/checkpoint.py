@@ -562,8 +562,10 @@ class Checkpointer:
         saved = meta["settings"]
         loop = meta["loop"]
         if self.cfg.epochs is not None and loop["epoch"] >= self.cfg.epochs:
-            raise UserError(f"checkpoint {path} has finished {loop['epoch']} epochs (step {loop['global_step']}): "
-                            f"--epochs {self.cfg.epochs} leaves nothing to train; ask for more epochs")
+            done = (f"has trained into epoch {loop['epoch'] + 1}" if loop["step_in_epoch"]
+                    else f"has finished {loop['epoch']} epochs")
+            raise UserError(f"checkpoint {path} {done} (step {loop['global_step']}): --epochs {self.cfg.epochs} "
+                            "leaves nothing to train; ask for more epochs")
         differ = [k for k in DATA_SETTINGS if k in saved and saved[k] != getattr(self.cfg, k, None)]
         if differ and not getattr(self.cfg, "allow_changes", False):
             listed = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(self.cfg, k, None)})" for k in differ)

@@ -9,9 +9,9 @@ starts, before training, so a rank frozen at its first step has one. Rank 0's th
 entry once a second; every other rank reads rank 0's, and takes over the judging when rank 0 itself
 falls silent.
 
-The judge fires when every rank has been idle for its limit: ``--timeout``, or, in a checkpoint save
-(one call, no progress to see inside), ``--timeout`` plus three times the longest earlier save of
-this rank. A rank whose thread stopped publishing (``frozen``: SIGSTOP, a swapped-out or wedged
+The judge fires when every rank has been idle for its limit: ``--timeout``, plus, in an evaluation
+or a checkpoint save (one call, no progress to see inside), three times the longest earlier one of
+that rank (the first is allowed ``--timeout`` without progress: for an evaluation, between batches). A rank whose thread stopped publishing (``frozen``: SIGSTOP, a swapped-out or wedged
 process) is the one behind; else the rank at the lowest (step, phase). The judge then records the
 message for torchrun's agent, posts an abort naming the frozen processes to the store, SIGKILLs those
 on its machine (SIGTERM does not end a stopped process) and exits; every other rank's thread sees the
@@ -59,8 +59,8 @@ class Watchdog:
         self.silent_after = max(3 * interval, 3.0)  # no entry for this long: the process is frozen
         self._seq = 0
         self._changed = threading.Event()
-        self._checkpoint_since: float | None = None
-        self.longest_checkpoint = 0.0
+        self._phase_since = self.started
+        self.longest = {Phase.EVAL: 0.0, Phase.CHECKPOINT: 0.0}  # this rank's longest evaluation and save so far
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.store = job_store("parallelnn/watchdog", restart, timedelta(seconds=30))
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (seq, when this judge saw it change)
@@ -71,13 +71,14 @@ class Watchdog:
 
     def at(self, step: int, phase: Phase) -> None:
         """Called by the training loop; cheap (attribute writes and an event)."""
-        if phase == Phase.CHECKPOINT and self._checkpoint_since is None:
-            self._checkpoint_since = time.monotonic()
-        elif phase != Phase.CHECKPOINT and self._checkpoint_since is not None:
-            self.longest_checkpoint = max(self.longest_checkpoint, time.monotonic() - self._checkpoint_since)
-            self._checkpoint_since = None
+        t = time.monotonic()
+        previous = self.position[1]
+        if phase != previous:
+            if previous in self.longest:
+                self.longest[previous] = max(self.longest[previous], t - self._phase_since)
+            self._phase_since = t
         self.position = (step, phase)
-        self.moved = time.monotonic()
+        self.moved = t
         self._changed.set()
 
     def close(self) -> None:
@@ -85,9 +86,9 @@ class Watchdog:
         self._changed.set()
 
     def limit(self, phase: int) -> float:
-        if phase == Phase.CHECKPOINT:
-            return self.timeout + 3 * self.longest_checkpoint
-        return self.timeout
+        """How long this rank may go without progress in ``phase``: --timeout, plus, in an evaluation or
+        a checkpoint save, three times the longest one this rank has done so far."""
+        return self.timeout + 3 * self.longest.get(phase, 0.0)
 
     # -- the thread ------------------------------------------------------------------------------------
     def _publish(self) -> None:
