@@ -3,7 +3,7 @@
 For testing what users meet in production, rank RANK (``*``: every rank), at global step STEP:
 
 * ``raise``: raises after the step; ``kill``: dies (SIGKILL); ``hang``: its main thread sleeps forever;
-* ``stop``: the whole process freezes (SIGSTOP to itself: the watchdog thread stops too);
+* ``stop``: 0.25 s after the step, the whole process freezes (SIGSTOP to itself: the watchdog thread too);
 * ``enospc``: its checkpoint save at STEP fails as a full disk would (``OSError(ENOSPC)``);
 * ``slow-eval=S``: from STEP on, every evaluation takes about S seconds more, spread over its batches.
 
@@ -82,6 +82,9 @@ def _after_step(fault: Fault, ctx):
         if fault.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if fault.kind == "stop":
+            # As a freeze from outside would come: not within the same microsecond as the step's end,
+            # so the watchdog thread has published the finished step (it does within milliseconds).
+            time.sleep(0.25)
             os.kill(os.getpid(), signal.SIGSTOP)
         if fault.kind == "hang":
             while True:

@@ -151,6 +151,10 @@ class Watchdog:
         def where(s) -> str:
             return "before its first step" if s[0] is None else f"{s[1].words} {s[0]}"
 
+        def waits(s) -> str:
+            return {Phase.STEP: "in step", Phase.FINISHED: "after step", Phase.EVAL: "in the evaluation after step",
+                    Phase.CHECKPOINT: "in the checkpoint after step"}[s[1]] + f" {s[0]}"
+
         order = lambda r: (-1, 0) if states[r][0] is None else (states[r][0], int(states[r][1]))  # noqa: E731
         behind = min(frozen or states, key=lambda r: (order(r), -states[r][2]))
         s = states[behind]
@@ -162,11 +166,11 @@ class Watchdog:
         else:
             what = f"rank {behind} stopped responding: no progress for {s[2]:.0f}s since it {where(s)}"
         others = [r for r in states if r != behind and r not in frozen]
-        ahead = [r for r in others if order(r) > order(behind)]
+        ahead = [r for r in others if order(r) > order(behind) or (behind in frozen and order(r) == order(behind))]
         if ahead:
             r = ahead[0]
             message = (f"{what}, while rank{'s' if len(ahead) > 1 else ''} {', '.join(map(str, ahead))} "
-                       f"wait{'' if len(ahead) > 1 else 's'} {where(states[r])} (--timeout {self.timeout:.0f}s)")
+                       f"wait{'' if len(ahead) > 1 else 's'} {waits(states[r])} (--timeout {self.timeout:.0f}s)")
         elif len(states) > 1 and not frozen and len({order(r) for r in states}) == 1:
             message = (f"no rank made progress for {s[2]:.0f}s, all {where(s)}: a collective is stuck "
                        f"(--timeout {self.timeout:.0f}s)")
