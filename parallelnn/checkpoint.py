@@ -285,6 +285,7 @@ class Checkpointer:
             self.known_run_id = run_id is not None
             run_id = run_id or uuid.uuid4().hex[:16]
         self.run_id, self.known_run_id = agree((run_id, getattr(self, "known_run_id", False)), ctx)
+        self.recorder = recorder
         if recorder is not None and not self.known_run_id:
             recorder.log("run", run_id=self.run_id)
         self._foreign_warned: set[str] = set()
@@ -500,19 +501,13 @@ class Checkpointer:
         if problem:
             raise UserError(f"checkpoint {path}: {problem}")
         self._check_matches(path, meta)
-        full = manifest.get("layout") != "dcp"
-        current = ModelOptimizerState(self.engine, full=not self.ctx.multi_rank and full)
         try:
-            if full:
+            if manifest.get("layout") != "dcp":  # whole tensors (several ranks shard them as they load)
                 from safetensors.torch import load_file
 
                 model_sd = load_file(str(path / "model.safetensors"))
                 optim_sd = join_tensors(meta["optim"], load_file(str(path / "optimizer.safetensors")))
-                state = {"model": model_sd, "optim": optim_sd}
-                if self.ctx.multi_rank:  # a one-process checkpoint into several ranks: shard it
-                    ModelOptimizerState(self.engine, full=True).load_state_dict(state)
-                else:
-                    current.load_state_dict(state)
+                ModelOptimizerState(self.engine, full=True).load_state_dict({"model": model_sd, "optim": optim_sd})
             else:
                 sd = ModelOptimizerState(self.engine, full=False).state_dict()  # the shapes DCP loads into
                 tree, tensors = split_tensors(sd["optim"])
@@ -542,8 +537,10 @@ class Checkpointer:
                  f"x{self.ctx.world_size}: weights and optimizer are resharded; random streams start afresh")
         self._apply_changes(meta)
         run_id = (manifest.get("run") or {}).get("run_id")
-        if manifest.get("run", {}).get("out") == self.out and isinstance(run_id, str):
-            self.run_id, self.known_run_id = run_id, True  # this run goes on under its id
+        if manifest.get("run", {}).get("out") == self.out and isinstance(run_id, str) and run_id != self.run_id:
+            self.run_id, self.known_run_id = run_id, True  # this run goes on under its id ...
+            if self.recorder is not None:  # ... which the next resume finds in metrics.jsonl
+                self.recorder.log("run", run_id=run_id)
         return meta
 
     def _check_matches(self, path: Path, meta: dict[str, Any]) -> None:

@@ -256,10 +256,16 @@ def failure_message(failure) -> str:
 
 def root_failure(failures: dict):
     """The failed rank that caused the others to fail: the earliest whose error is not a peer's."""
+    import re
     import signal
 
-    # Ranks that left a message first (others may have been ended by the one that did), then by time.
-    ordered = sorted(failures.items(), key=lambda kv: (not failure_message(kv[1]), kv[1].timestamp, kv[0]))
+    # Ranks that left a message of their own first (others may have been ended by the one that did:
+    # torchrun's "Signal 9 (SIGKILL) received by PID ..." is not one), then by time (whole seconds).
+    def own_message(failure) -> bool:
+        message = failure_message(failure)
+        return bool(message) and not re.match(r"Signal \d+ \(\w+\) received by PID", message)
+
+    ordered = sorted(failures.items(), key=lambda kv: (not own_message(kv[1]), kv[1].timestamp, kv[0]))
     for rank, failure in ordered:
         stopped_by_agent = failure.exitcode == -signal.SIGTERM  # torchrun stops the survivors so
         if not stopped_by_agent and not any(marker in failure_message(failure) for marker in PEER_GONE):

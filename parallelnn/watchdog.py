@@ -3,8 +3,8 @@ the rank that is behind, with its last step and phase.
 
 Each rank's training loop notes where it is (global step and :class:`Phase`) in a plain attribute;
 the evaluation notes every batch, so a long evaluation is progress, not a hang. A daemon thread
-publishes the position to the job's key-value store (torchrun's TCPStore) as soon as it changes and
-at least once a second, with the process's PID and host; the first entry is written when the watchdog
+publishes the position to the job's key-value store (torchrun's TCPStore) as soon as it changes (at
+most every 20 ms) and at least once a second, with the process's PID and host; the first entry is written when the watchdog
 starts, before training, so a rank frozen at its first step has one. Rank 0's thread reads every
 entry once a second; every other rank reads rank 0's, and takes over the judging when rank 0 itself
 falls silent.
@@ -13,9 +13,10 @@ The judge fires when every rank has been idle for its limit: ``--timeout``, plus
 or a checkpoint save (one call, no progress to see inside), three times the longest earlier one of
 that rank (the first is allowed ``--timeout`` without progress: for an evaluation, between batches). A rank whose thread stopped publishing (``frozen``: SIGSTOP, a swapped-out or wedged
 process) is the one behind; else the rank at the lowest (step, phase). The judge then records the
-message for torchrun's agent, posts an abort naming the frozen processes to the store, SIGKILLs those
-on its machine (SIGTERM does not end a stopped process) and exits; every other rank's thread sees the
-abort within a second, SIGKILLs the frozen ones on its machine and exits too (a hung main thread
+message for torchrun's agent, posts an abort naming the frozen processes to the store, has those on
+its machine SIGKILLed half a second later (SIGTERM does not end a stopped process; the delay lets the
+agent see the judging rank end first) and exits; every other rank's thread sees the abort within a
+second, does the same for the frozen ones on its machine and exits too (a hung main thread
 cannot stop itself). So the job ends within about ``--timeout`` + 2 s. The process group's own
 timeout is longer, as a backstop.
 """
@@ -34,6 +35,7 @@ from datetime import timedelta
 
 from parallelnn.launch import job_store
 
+MIN_GAP = 0.02  # seconds between two entries of one rank: a published position lags at most this (+ the GIL)
 ABORTED = 3  # exit status of ranks ended by the watchdog's abort (the judging rank exits 1 with the message)
 
 
@@ -111,6 +113,7 @@ class Watchdog:
                     published = self.position
                     self._publish()
                     last_publish = now
+                    self._stop.wait(MIN_GAP)  # at most ~50 entries a second, however short the steps
                 if now - last_judge >= self.interval:
                     last_judge = now
                     if self.store.check(["abort"]):
@@ -186,20 +189,32 @@ class Watchdog:
 
             get_error_handler().record_exception(TimeoutError(message))
             self.store.set("abort", json.dumps({"message": message, "kill": kill}))
-            self._kill_local(kill)
+            self._kill_local_later(kill)
         finally:
             os._exit(1)
 
-    def _kill_local(self, kill) -> None:
-        for host, pid in kill:
-            if host == self.host and pid != self.pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+    def _kill_local_later(self, kill) -> None:
+        """SIGKILL the frozen processes on this machine half a second from now, from a process of its own.
+
+        Not at once: torchrun's agent reports the first process it sees end as the job's failure, and
+        that must be the rank that holds the message (which exits now), not the killed one."""
+        import subprocess
+
+        pids = [str(int(pid)) for host, pid in kill if host == self.host and pid != self.pid]
+        if pids:
+            try:
+                subprocess.Popen(["/bin/sh", "-c", f"sleep 0.5; kill -9 {' '.join(pids)} 2>/dev/null"],
+                                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            except OSError:
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except OSError:
+                        pass
 
     def _obey(self, abort: bytes) -> None:
         try:
-            self._kill_local(json.loads(abort).get("kill", []))
+            self._kill_local_later(json.loads(abort).get("kill", []))
         finally:
             os._exit(ABORTED)

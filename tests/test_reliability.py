@@ -350,13 +350,13 @@ def frozen_pid(needle: str, timeout: float) -> tuple[int, float] | None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("step", [1, 41])
-def test_a_frozen_rank_is_named_and_the_job_ends(step, tmp_path):
+@pytest.mark.parametrize("victim,step", [(1, 1), (1, 41), (0, 41)])
+def test_a_frozen_rank_is_named_and_the_job_ends(victim, step, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "parallelnn", "run", "iris", "--strategy", "ddp", "--nproc", "2", "--epochs", "100",
            "--quiet", "--timeout", "5", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PARALLELNN_FAULT": f"1:{step}:stop"})
+                            env={**os.environ, "PARALLELNN_FAULT": f"{victim}:{step}:stop"})
     seen = frozen_pid(str(out), 120)
     assert seen is not None, "the rank did not freeze"
     pid, t_frozen = seen
@@ -364,11 +364,13 @@ def test_a_frozen_rank_is_named_and_the_job_ends(step, tmp_path):
     ended = time.time() - t_frozen
     assert proc.returncode == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert f"rank 1 stopped responding: its process is frozen" in last and f"since it finished step {step}," in last, last
-    assert f"rank 0 waits in step {step + 1}" in last, last
+    other = 1 - victim
+    assert f"rank {other} failed (exit code 1): TimeoutError: rank {victim} stopped responding: its process is " \
+           "frozen" in last, last
+    assert f"since it finished step {step}, while rank {other} waits in step {step + 1} (--timeout 5s)" in last, last
     assert ended < 5 + 10, ended
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
-    print(f"step {step}: job ended {ended:.1f}s after the freeze (--timeout 5)")
+    print(f"rank {victim} frozen after step {step}: job ended {ended:.1f}s after the freeze (--timeout 5)")
 
 
 @pytest.mark.distributed
@@ -437,7 +439,7 @@ def test_report_names_a_half_written_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("field,value,why", [
     ("samples_per_second", float("nan"), "field 'samples_per_second' is nan, not a finite number"),
-    ("world_size", "2", "field 'world_size' is '2', not a int"),
+    ("world_size", "2", "field 'world_size' is '2', not an integer"),
     ("format_version", "x", "record format 'x' is not one parallelnn wrote"),
 ])
 def test_bad_records_are_one_line_errors(field, value, why, tmp_path, capsys):
