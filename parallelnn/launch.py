@@ -326,6 +326,9 @@ def spawn(cfg, argv: list[str]) -> None:
         rank, failure = root_failure(err.failures)
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         what = failure_message(failure)
+        for kind in ("UserError: ", "OutputError: "):  # the rank's own one-line error, as a single process says it
+            if what.startswith(kind) and failure.exitcode in (1, EXIT_USER_ERROR):
+                raise LaunchFailed(what[len(kind):], failure.exitcode) from None
         raise LaunchFailed(f"rank {rank} failed (exit code {failure.exitcode})" + (f": {what}" if what else ""),
                            code) from None
     except RendezvousError as err:

@@ -315,8 +315,8 @@ def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
         if os.environ.get("RANK") == "0":
             print(f"parallelnn: {stop}", file=sys.stderr)
         code = stop.exit_code
-    except UserError as err:
-        code = report_user_error(err)
+    except UserError as err:  # a spawned rank's parent prints it, once
+        code = getattr(err, "exit_code", 2) if os.environ.get(launch.SPAWNED_ENV) else report_user_error(err)
         get_error_handler().record_exception(err)  # torchrun's agent reads it: the root cause
     except BaseException as err:  # noqa: BLE001 - anything else: its traceback is the message
         for line in traceback.format_exc().splitlines():

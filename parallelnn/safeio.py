@@ -162,7 +162,20 @@ def dcp_load(state: dict[str, Any], directory: str) -> None:
 
     import torch.distributed.checkpoint as dcp
 
+    import logging
+    import os
+
+    # Refuse a crafted .metadata here, the same on every rank, before DCP's own machinery reads it (which
+    # would log each rank's refusal as a traceback and fall back to per-rank metadata files).
+    with open(os.path.join(directory, ".metadata"), "rb") as fh:
+        load_metadata(fh)
     reader_cls, planner_cls = _reader_classes()
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process")
-        dcp.load(state, storage_reader=reader_cls(directory), planner=planner_cls())
+    quiet = logging.getLogger("torch.distributed.checkpoint")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # failures reach the caller as exceptions; no traceback per rank
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load(state, storage_reader=reader_cls(directory), planner=planner_cls())
+    finally:
+        quiet.setLevel(level)
