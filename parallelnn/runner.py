@@ -81,8 +81,6 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     out = Path(launch.agree(cfg.out or default_out(cfg), ctx))
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
         prepare_out_dir(out, cfg.overwrite)
-    if ctx.is_main and not os.environ.get(launch.SPAWNED_ENV):  # a spawned job's parent holds the lock
-        lock_out_dir(out, announce_takeover=ctx.restart_count == 0)
     log = (lambda msg: print(msg, flush=True)) if ctx.is_main and not cfg.quiet else (lambda msg: None)
 
     workload = workloads.load(cfg.workload)
@@ -114,6 +112,8 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         raise UserError(f"no training batch: {len(built.train)} samples cannot be split over "
                         f"{engine.dp_size} data-parallel ranks")
 
+    if ctx.is_main and not os.environ.get(launch.SPAWNED_ENV):  # before writing; a spawned job's parent holds it
+        lock_out_dir(out, announce_takeover=ctx.restart_count == 0)
     recorder = Recorder(out, enabled=ctx.is_main, append=bool(cfg.resume) or ctx.restart_count > 0)
     if cfg.tensorboard and ctx.is_main:
         recorder.sinks.append(tboard.TensorBoardSink(out))

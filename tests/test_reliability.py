@@ -314,11 +314,12 @@ def test_two_runs_on_one_out(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "parallelnn", "run", "mnist", "--epochs", "1", "--limit", "640", "--quiet",
            "--out", str(out)]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PARALLELNN_FAULT": "0:1:slow-eval=8"})  # still running when ...
     deadline = time.time() + 60
     while not (out / LOCK).exists() and time.time() < deadline:
         time.sleep(0.02)
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # ... this one starts
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 2
