@@ -355,8 +355,15 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------------------
     def stateful(self, **extra) -> dict[str, Any]:
-        items = {"scheduler": self.engine.scheduler, "scaler": self.engine.scaler, **extra}
-        return {k: v for k, v in items.items() if v is not None}
+        """The JSON-stored Stateful objects: the engine's scheduler and scaler, and ``extra``."""
+        from torch.distributed.checkpoint.stateful import Stateful
+
+        items = {k: v for k, v in {"scheduler": self.engine.scheduler, "scaler": self.engine.scaler, **extra}.items()
+                 if v is not None}
+        for name, obj in items.items():
+            if not isinstance(obj, Stateful):
+                raise TypeError(f"{name}: {type(obj).__name__} has no state_dict()/load_state_dict()")
+        return items
 
     def save(self, step: int, **extra) -> Path | None:
         """Checkpoint the state of every Stateful (the engine's and ``extra``, e.g. ``loop=trainer``)

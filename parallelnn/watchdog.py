@@ -137,7 +137,7 @@ class Watchdog:
     def _judge(self) -> None:
         now = time.monotonic()
         if self.rank != 0:  # rank 0 judges; the others only watch that it still does
-            if self._entry(0, now)[3] < self.silent_after + self.timeout:
+            if self._entry(0, now)[3] < self.silent_after:
                 return
         states = {r: self._entry(r, now) for r in range(self.world_size)}
         if any(s[2] < s[6] for s in states.values()):
