@@ -415,6 +415,10 @@ class Checkpointer:
             self._prune(step)
         return final
 
+    def last_good(self) -> Path | None:
+        """This run's newest complete checkpoint: the last one saved, or the one it resumed from."""
+        return self.saved[-1] if self.saved else None
+
     def _all_ok(self, ok: bool, why: str) -> tuple[bool, str]:
         if not self.ctx.multi_rank:
             return ok, why
@@ -548,6 +552,8 @@ class Checkpointer:
             self.run_id, self.known_run_id = run_id, True  # this run goes on under its id ...
             if self.recorder is not None:  # ... which the next resume finds in metrics.jsonl
                 self.recorder.log("run", run_id=run_id)
+        if manifest.get("run", {}).get("out") == self.out:
+            self.saved.append(path)  # this run's last good checkpoint until it saves another
         return meta
 
     def _check_matches(self, path: Path, meta: dict[str, Any]) -> None:

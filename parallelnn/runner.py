@@ -153,10 +153,10 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     state_dict = engine.full_state_dict()  # collective: every rank takes part
     if ctx.is_main:
         if built.save is not None:
-            write_or_explain(out / "model", lambda: built.save(state_dict, str(out / "model")), trainer.last_checkpoint)
+            write_or_explain(out / "model", lambda: built.save(state_dict, str(out / "model")), checkpointer.last_good())
         else:
             write_or_explain(out / "model.safetensors", lambda: save_weights(state_dict, out / "model.safetensors"),
-                             trainer.last_checkpoint)
+                             checkpointer.last_good())
     if not ctx.is_main:
         recorder.close()
         return None
@@ -199,7 +199,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         record["eval_loss"] = record["test_loss"]
     if baseline is not None:
         record.update(compare_to_baseline(record, baseline))
-    recorder.finish(record, trainer.last_checkpoint)
+    recorder.finish(record, checkpointer.last_good())
     recorder.close()
     return record
 
