@@ -184,13 +184,11 @@ def tmpfs(path: Path, size: str):
 MNIST = ["mnist", "--epochs", "1", "--limit", "640", "--checkpoint-every", "3", "--quiet"]  # 5.2 MB a checkpoint
 
 
-def test_a_real_full_disk_single(tmp_path):
+def test_a_real_full_disk_single(tmp_path, capsys):
     """Checkpoints on an 8 MB filesystem (one fits), then an --out with no room for the weights."""
     with tmpfs(tmp_path / "ck", "8m") as ck, tmpfs(tmp_path / "out", "1m") as out:
-        proc = cli("run", *MNIST, "--checkpoint-dir", str(ck), "--out", str(out / "run"), timeout=300)
-        assert proc.returncode == 1, proc.stderr[-3000:]
-        lines = proc.stderr.strip().splitlines()
-        assert "Traceback" not in proc.stderr
+        assert main("run", *MNIST, "--checkpoint-dir", str(ck), "--out", str(out / "run")) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
         assert any("checkpoint at step 6 not saved (" in l and f"the previous one is kept: {ck}/step-000000003" in l
                    for l in lines), lines
         assert lines[-1].startswith(f"parallelnn: error: could not write {out}/run/model.safetensors ("), lines[-1]
@@ -310,20 +308,20 @@ def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capsys):
 
 # -- 4. one run per --out ----------------------------------------------------------------------------
 
-def test_two_runs_on_one_out(tmp_path):
+def test_two_runs_on_one_out(tmp_path, capsys):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "parallelnn", "run", "mnist", "--epochs", "1", "--limit", "640", "--quiet",
-           "--out", str(out)]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PARALLELNN_FAULT": "0:1:slow-eval=8"})  # still running when ...
+    argv = ["run", "iris", "--epochs", "1", "--quiet", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "parallelnn", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PARALLELNN_FAULT": "0:0:slow-eval=6"})  # still running when ...
     deadline = time.time() + 60
     while not (out / LOCK).exists() and time.time() < deadline:
         time.sleep(0.02)
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # ... this one starts
+    capsys.readouterr()
+    assert main(*argv) == 2  # ... this one starts
+    second = capsys.readouterr().err
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 2
-    assert second.stderr.strip() == (f"parallelnn: error: --out {out} is in use by another run (PID {first.pid} "
+    assert second.strip() == (f"parallelnn: error: --out {out} is in use by another run (PID {first.pid} "
                                      f"on {os.uname().nodename}): wait for it to end, or choose another --out")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors", "record.json"]
     assert all(json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
@@ -461,3 +459,14 @@ def test_bad_records_are_one_line_errors(field, value, why, tmp_path, capsys):
     capsys.readouterr()
     assert main("report", str(run), "--out", str(tmp_path / "rep")) == 2
     assert one_error_line(capsys).endswith(why)
+
+
+def test_malformed_manifests_are_named(tmp_path):
+    ck = tmp_path / "step-000000001"
+    ck.mkdir()
+    for manifest, why in (({"files": {}}, "written by another version of parallelnn (checkpoint format 1"),
+                          ({"format": 2, "step": 1, "run": {}, "files": {"a": {}}}, "manifest entry 'a' is malformed"),
+                          ({"format": 2, "files": {"a": {"size": 1, "sha256": "x"}}}, "manifest has no step or run"),
+                          ([1], "manifest lists no files")):
+        (ck / MANIFEST).write_text(json.dumps(manifest))
+        assert verify(ck).startswith(why), verify(ck)
