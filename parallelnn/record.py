@@ -334,7 +334,8 @@ def check_record(record: dict[str, Any]) -> str | None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, kind):
-            return f"field '{key}' is {value!r}, not {'an integer' if kind is int else 'a string' if kind is str else 'a number'}"
+            what = "an integer" if kind is int else "a string" if kind is str else "a number"
+            return f"field '{key}' is {value!r}, not {what}"
         if key in FINITE and isinstance(value, float) and not math.isfinite(value):
             return f"field '{key}' is {value}, not a finite number"
     return None

@@ -153,7 +153,8 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
     state_dict = engine.full_state_dict()  # collective: every rank takes part
     if ctx.is_main:
         if built.save is not None:
-            write_or_explain(out / "model", lambda: built.save(state_dict, str(out / "model")), checkpointer.last_good())
+            write_or_explain(out / "model", lambda: built.save(state_dict, str(out / "model")),
+                             checkpointer.last_good())
         else:
             write_or_explain(out / "model.safetensors", lambda: save_weights(state_dict, out / "model.safetensors"),
                              checkpointer.last_good())

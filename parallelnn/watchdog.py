@@ -4,23 +4,23 @@ the rank that is behind, with its last step and phase.
 Each rank's training loop notes where it is (global step and :class:`Phase`) in a plain attribute;
 the evaluation notes every batch, so a long evaluation is progress, not a hang. A daemon thread
 publishes the position to the job's key-value store (torchrun's TCPStore) as soon as it changes (at
-most every 20 ms) and at least once a second, with the process's PID and host; the first entry is written when the watchdog
-starts, before training, so a rank frozen at its first step has one. Rank 0's thread reads every
-entry once a second; every other rank reads rank 0's, and takes over the judging when rank 0 itself
-falls silent.
+most every 20 ms) and at least once a second, with the process's PID and host; the first entry is
+written when the watchdog starts, before training, so a rank frozen at its first step has one. Rank
+0's thread reads every entry once a second; every other rank reads rank 0's, and takes over the
+judging when rank 0 itself falls silent.
 
 The judge fires when every rank has been idle for its limit: ``--timeout``, plus, in an evaluation
 or a checkpoint save (one call, no progress to see inside), three times the longest earlier one of
-that rank (the first is allowed ``--timeout`` without progress: for an evaluation, between batches). A rank whose thread stopped publishing (``frozen``: SIGSTOP, a swapped-out or wedged
-process) is the one behind; else the rank at the lowest (step, phase). The judge then records the
-message for torchrun's agent, posts an abort naming the frozen processes to the store, has those on
-its machine SIGKILLed half a second later (SIGTERM does not end a stopped process; the delay lets the
-agent see the judging rank end first) and exits; every other rank's thread sees the abort within a
-second, does the same for the frozen ones on its machine and exits too (a hung main thread
-cannot stop itself). So the job ends within about ``--timeout`` + 2 s. The process group's own
-timeout is longer, as a backstop.
+that rank (the first is allowed ``--timeout`` without progress: for an evaluation, between batches).
+A rank whose thread stopped publishing (``frozen``: SIGSTOP, a swapped-out or wedged process) is the
+one behind; else the rank at the lowest (step, phase). The judge then records the message for
+torchrun's agent, posts an abort naming the frozen processes to the store, has those on its machine
+SIGKILLed half a second later (SIGTERM does not end a stopped process; the delay lets the agent see
+the judging rank end first) and exits; every other rank's thread sees the abort within a second,
+does the same for the frozen ones on its machine and exits too (a hung main thread cannot stop
+itself). So the job ends within about ``--timeout`` + 3 s. The process group's own timeout is
+longer, as a backstop.
 """
-
 from __future__ import annotations
 
 import enum

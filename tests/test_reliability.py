@@ -48,7 +48,8 @@ def remanifest(ck: Path) -> None:
 
 
 def one_error_line(capsys) -> str:
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("parallelnn: warning")]
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("parallelnn: warning")]
     assert len(err) == 1, err
     return err[0]
 
@@ -189,8 +190,8 @@ def test_a_real_full_disk_single(tmp_path, capsys):
     with tmpfs(tmp_path / "ck", "8m") as ck, tmpfs(tmp_path / "out", "1m") as out:
         assert main("run", *MNIST, "--checkpoint-dir", str(ck), "--out", str(out / "run")) == 1
         lines = capsys.readouterr().err.strip().splitlines()
-        assert any("checkpoint at step 6 not saved (" in l and f"the previous one is kept: {ck}/step-000000003" in l
-                   for l in lines), lines
+        assert any("checkpoint at step 6 not saved (" in line and f"the previous one is kept: {ck}/step-000000003"
+                   in line for line in lines), lines
         assert lines[-1].startswith(f"parallelnn: error: could not write {out}/run/model.safetensors ("), lines[-1]
         assert lines[-1].endswith(f"the last good checkpoint is {ck}/step-000000003 (continue with --resume auto "
                                   "once there is room)"), lines[-1]
@@ -311,7 +312,8 @@ def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capsys):
 def test_two_runs_on_one_out(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "iris", "--epochs", "1", "--quiet", "--out", str(out)]
-    first = subprocess.Popen([sys.executable, "-m", "parallelnn", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    first = subprocess.Popen([sys.executable, "-m", "parallelnn", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PARALLELNN_FAULT": "0:0:slow-eval=6"})  # still running when ...
     deadline = time.time() + 60
     while not (out / LOCK).exists() and time.time() < deadline:
@@ -324,7 +326,7 @@ def test_two_runs_on_one_out(tmp_path, capsys):
     assert second.strip() == (f"parallelnn: error: --out {out} is in use by another run (PID {first.pid} "
                                      f"on {os.uname().nodename}): wait for it to end, or choose another --out")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors", "record.json"]
-    assert all(json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
+    assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
