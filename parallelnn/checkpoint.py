@@ -636,6 +636,6 @@ def resume_hint(cfg) -> str:
     out = os.path.realpath(cfg.out)
     for _, path in candidates(directory):
         manifest, problem = read_manifest(path)
-        if problem is None and (manifest.get("run") or {}).get("out") == out and verify(path) is None:
+        if problem is None and (manifest.get("run") or {}).get("out") == out:  # (not hashed here: --resume does)
             return f"; checkpoint {path}; to continue, run the same command with --resume auto"
     return "; no checkpoint was saved: a new run starts from the beginning"

@@ -112,7 +112,7 @@ def _execute(cfg: RunConfig, ctx: launch.Context, hooks: Hooks | None) -> dict[s
         raise UserError(f"no training batch: {len(built.train)} samples cannot be split over "
                         f"{engine.dp_size} data-parallel ranks")
 
-    if ctx.is_main and not os.environ.get(launch.SPAWNED_ENV):  # before writing; a spawned job's parent holds it
+    if ctx.is_main and (not os.environ.get(launch.SPAWNED_ENV) or cfg.nnodes > 1):  # else the spawning parent has it
         lock_out_dir(out, announce_takeover=ctx.restart_count == 0)
     recorder = Recorder(out, enabled=ctx.is_main, append=bool(cfg.resume) or ctx.restart_count > 0)
     if cfg.tensorboard and ctx.is_main:
@@ -365,7 +365,8 @@ def run_command(cfg: RunConfig) -> int:
             return 0  # the parent that spawned this rank prints the summary
     elif cfg.world_size > 1 or cfg.max_restarts > 0:  # torchrun's agent also restarts a lone process
         cfg = preflight(cfg)
-        lock_out_dir(cfg.out)
+        if cfg.nnodes == 1:  # with several machines, only the one running global rank 0 writes --out
+            lock_out_dir(cfg.out)
         try:
             launch.spawn(cfg, ["run", *config_to_argv(cfg)])
         except launch.LaunchFailed as err:
