@@ -517,6 +517,10 @@ class Checkpointer:
                 from safetensors.torch import load_file
 
                 model_sd = load_file(str(path / "model.safetensors"))
+                current, _ = split_tensors(ModelOptimizerState(self.engine, full=True).state_dict()["optim"])
+                problem = _kind_problem(current, meta["optim"])
+                if problem:
+                    raise UserError(f"checkpoint {path}: optimizer state {problem}")
                 optim_sd = join_tensors(meta["optim"], load_file(str(path / "optimizer.safetensors")))
                 ModelOptimizerState(self.engine, full=True).load_state_dict({"model": model_sd, "optim": optim_sd})
             else:
@@ -525,9 +529,9 @@ class Checkpointer:
                 target = {"model": sd["model"], "optim": tensors}
                 dcp_load(target, str(path / "dcp"))
                 saved_tree = meta["optim"]
-                missing = [k for k in tree if k not in saved_tree]
-                if missing:
-                    raise UserError(f"checkpoint {path}: optimizer state has no {missing[0]}")
+                problem = _kind_problem(tree, saved_tree)
+                if problem:
+                    raise UserError(f"checkpoint {path}: optimizer state {problem}")
                 optim = join_tensors({k: saved_tree[k] for k in tree}, target["optim"])
                 ModelOptimizerState(self.engine, full=False).load_state_dict({"model": target["model"],
                                                                               "optim": optim})
@@ -536,14 +540,24 @@ class Checkpointer:
             if isinstance(cause, UnsafeCheckpoint):
                 raise UserError(f"checkpoint {path}: {cause}") from None
             raise UserError(f"checkpoint {path} cannot be loaded into this model: {_why(cause)}") from None
-        for name, obj in self.stateful(**extra).items():
-            if meta.get(name) is not None:
-                obj.load_state_dict(meta[name])
         rng_file = path / f"rng-rank{self.ctx.rank}.json"
         same_layout = meta["world_size"] == self.ctx.world_size and meta["strategy"] == self.cfg.strategy
+        restore = [(name, obj, meta.get(name)) for name, obj in self.stateful(**extra).items()]
         if rng_file.is_file() and same_layout:
-            RNGState().load_state_dict(json.loads(rng_file.read_text()))
-        elif not same_layout and self.ctx.is_main:
+            restore.append((rng_file.name, RNGState(), json.loads(rng_file.read_text())))
+        for name, obj, state in restore:
+            if state is None:
+                continue
+            # What the object's own state looks like; keys it would miss take their defaults (e.g. no "cuda"
+            # RNG from a machine without CUDA).
+            problem = _kind_problem(obj.state_dict(), state, every_key=False)
+            if problem:
+                raise UserError(f"checkpoint {path}: its {name} state: {problem}")
+            try:
+                obj.load_state_dict(state)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as err:
+                raise UserError(f"checkpoint {path}: its {name} state cannot be restored ({_why(err)})") from None
+        if not same_layout and self.ctx.is_main:
             warn(f"resuming a {meta['strategy']} x{meta['world_size']} checkpoint as {self.cfg.strategy} "
                  f"x{self.ctx.world_size}: weights and optimizer are resharded; random streams start afresh")
         self._apply_changes(meta)
@@ -606,6 +620,53 @@ class Checkpointer:
         if self.ctx.is_main:
             warn(f"resuming with --lr {change['to']} instead of the checkpoint's {change['from']}: the optimizer "
                  f"trains on with the new rate from step {change['at_step']} (recorded in the record)")
+
+
+def _kind_problem(current: Any, saved: Any, where: str = "", every_key: bool = True) -> str | None:
+    """Where the saved JSON tree differs in kind from this optimizer's own (a string for a rate, a
+    missing key (``every_key``), a tensor where a number belongs), or None: crafted values end here,
+    not in a training step."""
+    def kind(v: Any) -> str:
+        if isinstance(v, bool):
+            return "a boolean"
+        if isinstance(v, (int, float)):
+            return "a number"
+        if isinstance(v, str):
+            return "a string"
+        if isinstance(v, list):
+            return "a list"
+        if isinstance(v, dict):
+            return "a tensor" if set(v) == {"__tensor__"} else "a tuple" if set(v) == {"__tuple__"} else "an object"
+        return "null" if v is None else type(v).__name__
+
+    here = where or "(top)"
+    if current is None:
+        return None  # optional values (foreach, fused...) may be anything torch accepts there
+    if kind(current) != kind(saved):
+        return f"{here} is {kind(saved)}, not {kind(current)}"
+    if isinstance(current, dict):
+        if kind(current) == "a tensor":
+            return None
+        inner_cur = current.get("__tuple__", current)
+        inner_saved = saved.get("__tuple__", saved)
+        if isinstance(inner_cur, list):
+            return _kind_problem(inner_cur, inner_saved, where, every_key)
+        for key, value in inner_cur.items():
+            if key not in inner_saved:
+                if not every_key:
+                    continue
+                return f"has no {where + '.' if where else ''}{key}"
+            problem = _kind_problem(value, inner_saved[key], f"{where}.{key}" if where else key, every_key)
+            if problem:
+                return problem
+    elif isinstance(current, list) and current:  # (an empty list, e.g. no losses yet, says nothing of its items)
+        same = len(current) == len(saved)
+        for i, item in enumerate(saved):
+            problem = _kind_problem(current[i] if same else current[0], item, f"{where}.{i}" if where else str(i),
+                                    every_key)
+            if problem:
+                return problem
+    return None
 
 
 def _unwrap(err: BaseException) -> BaseException:

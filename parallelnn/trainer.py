@@ -238,7 +238,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:  # Stateful: the checkpointer saves it as "loop"
         """The loop's state for a checkpoint taken now (pending losses must have been flushed)."""
         state = dataclasses.asdict(self.state)
-        state["epoch_seconds"] = self.state.epoch_seconds + (now(self.ctx.device) - self._epoch_start - self._paused)
+        if hasattr(self, "_epoch_start"):  # in an epoch (before fit, e.g. to check a checkpoint's kinds, not)
+            state["epoch_seconds"] += now(self.ctx.device) - self._epoch_start - self._paused
         state.pop("stop_requested")
         state.pop("stop_signal")
         return state

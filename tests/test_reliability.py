@@ -472,3 +472,21 @@ def test_malformed_manifests_are_named(tmp_path):
                           ([1], "manifest lists no files")):
         (ck / MANIFEST).write_text(json.dumps(manifest))
         assert verify(ck).startswith(why), verify(ck)
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda s: s["optim"]["param_groups"][0].update(lr="fast"), "optimizer state param_groups.0.lr is a string, "
+                                                               "not a number"),
+    (lambda s: s["loop"].update(epoch_losses="x"), "its loop state: epoch_losses is a string, not a list"),
+])
+def test_crafted_json_state_is_a_one_line_error(damage, why, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main("run", *IRIS, "--out", str(out)) == 0
+    ck = newest(out)
+    state = json.loads((ck / "trainer.json").read_text())
+    damage(state)
+    (ck / "trainer.json").write_text(json.dumps(state))
+    remanifest(ck)
+    capsys.readouterr()
+    assert main("run", *IRIS, "--epochs", "3", "--out", str(tmp_path / "o2"), "--resume", str(ck)) == 2
+    assert why in one_error_line(capsys)
