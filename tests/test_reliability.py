@@ -490,3 +490,29 @@ def test_crafted_json_state_is_a_one_line_error(damage, why, tmp_path, capsys):
     capsys.readouterr()
     assert main("run", *IRIS, "--epochs", "3", "--out", str(tmp_path / "o2"), "--resume", str(ck)) == 2
     assert why in one_error_line(capsys)
+
+
+NEVER_REPORTS = """
+import os, socket, time
+from datetime import timedelta
+import torch.distributed as dist
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+from parallelnn.watchdog import Phase, Watchdog
+wd = Watchdog(0, 2, timeout=2.0)  # rank 1 of this 2-rank job never starts its watchdog
+wd.at(1, Phase.STEP)  # rank 0 enters step 1 and waits there, as in a collective with rank 1
+time.sleep(30)
+"""
+
+
+def test_a_rank_that_never_reports_is_named(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", NEVER_REPORTS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "parallelnn: error: rank 1 never reported (frozen or stuck before its first step), while rank 0 waits "
+        "in step 1 (--timeout 2s)")
+    assert elapsed < 2 + 10, elapsed
