@@ -104,6 +104,8 @@ class RunConfig:
     checkpoint_dir: str | None = opt(None, "where checkpoints go (default OUT/checkpoints)", metavar="DIR")
     keep: int = opt(2, "complete checkpoints to keep", metavar="K")
     resume: str | None = opt(None, "'auto' (newest complete checkpoint) or a checkpoint path", metavar="auto|PATH")
+    allow_changes: bool = opt(False, "--resume with another --seed/--limit/--batch-size/--data than the "
+                              "checkpoint's (refused otherwise; the record lists the changes)", flag=True)
 
     # Filled in by the CLI, not by the user.
     command: str = field(default="", metadata={"internal": True})
@@ -250,6 +252,8 @@ def config_to_argv(cfg: RunConfig) -> list[str]:
             argv.append(option_name(f.name))
         elif f.metadata.get("negatable"):
             argv.append(option_name(f.name) if value else "--no-" + option_name(f.name)[2:])
+        elif value is not None and str(value).startswith("-"):
+            argv.append(f"{option_name(f.name)}={value}")  # one argument: '--out -x' would be two options
         elif value is not None:
             argv += [option_name(f.name), str(value)]
     return argv

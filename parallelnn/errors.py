@@ -19,10 +19,16 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class OutputError(UserError):
+    """Results that could not be written (a full disk): one line, exit status 1, not a traceback."""
+
+    exit_code = 1
+
+
 def warn(message: str) -> None:
     print(f"parallelnn: warning: {message}", file=sys.stderr, flush=True)
 
 
 def report_user_error(err: UserError) -> int:
     print(f"parallelnn: error: {err}", file=sys.stderr, flush=True)
-    return EXIT_USER_ERROR
+    return getattr(err, "exit_code", EXIT_USER_ERROR)

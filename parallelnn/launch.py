@@ -292,10 +292,16 @@ def failure_message(failure) -> str:
 
 def root_failure(failures: dict):
     """The failed rank that caused the others to fail: the earliest whose error is not a peer's."""
+    import re
     import signal
 
-    # Ranks that left a message first (others may have been ended by the one that did), then by time.
-    ordered = sorted(failures.items(), key=lambda kv: (not failure_message(kv[1]), kv[1].timestamp, kv[0]))
+    # Ranks that left a message of their own first (others may have been ended by the one that did:
+    # torchrun's "Signal 9 (SIGKILL) received by PID ..." is not one), then by time (whole seconds).
+    def own_message(failure) -> bool:
+        message = failure_message(failure)
+        return bool(message) and not re.match(r"Signal \d+ \(\w+\) received by PID", message)
+
+    ordered = sorted(failures.items(), key=lambda kv: (not own_message(kv[1]), kv[1].timestamp, kv[0]))
     for rank, failure in ordered:
         stopped_by_agent = failure.exitcode == -signal.SIGTERM  # torchrun stops the survivors so
         if not stopped_by_agent and not any(marker in failure_message(failure) for marker in PEER_GONE):
@@ -352,17 +358,18 @@ def spawn(cfg, argv: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "parallelnn", *argv)
     except SignalException as err:  # this launcher was told to stop: the ranks saved a checkpoint
-        raise LaunchFailed(f"stopped by {signal.Signals(err.sigval).name}; to continue, run the same command "
-                           "with --resume auto", 128 + err.sigval, stopped=True) from None
+        raise LaunchFailed(f"stopped by {signal.Signals(err.sigval).name}", 128 + err.sigval, stopped=True) from None
     except ChildFailedError as err:
         codes = {f.exitcode for f in err.failures.values()}
         stop_codes = {128 + signal.SIGTERM, 128 + signal.SIGINT}
         if codes <= stop_codes:  # every failed rank stopped on a signal, after saving a checkpoint
-            raise LaunchFailed("stopped by a signal; to continue, run the same command with --resume auto",
-                               codes.pop(), stopped=True) from None
+            raise LaunchFailed("stopped by a signal", codes.pop(), stopped=True) from None
         rank, failure = root_failure(err.failures)
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         what = failure_message(failure)
+        for kind in ("UserError: ", "OutputError: "):  # the rank's own one-line error, as a single process says it
+            if what.startswith(kind) and failure.exitcode in (1, EXIT_USER_ERROR):
+                raise LaunchFailed(what[len(kind):], failure.exitcode) from None
         raise LaunchFailed(f"rank {rank} failed (exit code {failure.exitcode})" + (f": {what}" if what else ""),
                            code) from None
     except RendezvousError as err:

@@ -24,7 +24,7 @@ GROUPS = (
                 "timeout")),
     ("strategy", ("mesh", "hybrid", "reshard_after_forward", "schedule", "microbatches", "split")),
     ("gpt2", ("model", "columns", "template", "context", "warmup_steps", "eval_pass_at_k")),
-    ("checkpoints", ("checkpoint_every", "checkpoint_dir", "keep", "resume")),
+    ("checkpoints", ("checkpoint_every", "checkpoint_dir", "keep", "resume", "allow_changes")),
 )
 
 

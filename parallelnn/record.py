@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 import parallelnn
-from parallelnn.errors import UserError
+from parallelnn.errors import OutputError, UserError, warn
 
 FORMAT_VERSION = 1
 RECORD = "record.json"
 METRICS = "metrics.jsonl"
+LOCK = ".parallelnn.lock"  # held by the run writing into an --out; removed when it ends
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -122,6 +123,7 @@ class Recorder:
     def __init__(self, out: Path | None, enabled: bool, append: bool = False):
         self.out, self.enabled = out, enabled and out is not None
         self._fh = None
+        self._failed = False  # a write failed (full disk): the next line starts on a line of its own
         self.append = append
         self.sinks: list = []  # extra consumers of every event, e.g. TensorBoard
 
@@ -135,18 +137,35 @@ class Recorder:
         if not self.enabled:
             return
         line = {"event": event, **values}
-        fh = self._open()
-        fh.write(json.dumps(line, default=_jsonable) + "\n")
-        fh.flush()
+        text = json.dumps(line, default=_jsonable) + "\n"
+        try:
+            fh = self._open()
+            fh.write(("\n" if self._failed else "") + text)
+            fh.flush()
+            self._failed = False
+        except OSError as err:  # training goes on; a torn line is skipped by readers
+            if not self._failed:
+                warn(f"{self.out / METRICS}: events not written ({err.strerror or err}); training goes on")
+            self._failed = True
+            self._reopen()
         for sink in self.sinks:
             sink(line)
 
-    def finish(self, record: dict[str, Any]) -> Path | None:
+    def _reopen(self) -> None:
+        try:
+            if self._fh is not None:
+                self._fh.close()
+        except OSError:
+            pass
+        self._fh = None
+        self.append = True
+
+    def finish(self, record: dict[str, Any], last_checkpoint: Any = None) -> Path | None:
         if not self.enabled:
             return None
-        self._open()
         path = self.out / RECORD
-        atomic_write_json(path, {"format_version": FORMAT_VERSION, **record})
+        write_or_explain(path, lambda: atomic_write_json(path, {"format_version": FORMAT_VERSION, **record}),
+                         last_checkpoint)
         return path
 
     def close(self) -> None:
@@ -157,6 +176,109 @@ class Recorder:
             if hasattr(sink, "close"):
                 sink.close()
         self.sinks = []
+
+
+def write_or_explain(path: Path, write, last_checkpoint: Any = None) -> None:
+    """``write()``, or one line (:class:`OutputError`) naming what could not be written and the last
+    good checkpoint, whatever the failure's type (a full disk raises OSError, RuntimeError, SafetensorError)."""
+    try:
+        write()
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        why = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())[:200]
+        where = (f"the last good checkpoint is {last_checkpoint} (continue with --resume auto once there is room)"
+                 if last_checkpoint else "no checkpoint of this run was saved")
+        raise OutputError(f"could not write {path} ({type(err).__name__}: {why}); {where}") from None
+
+
+class OutLock:
+    """One run per --out: ``OUT/.parallelnn.lock`` holds an exclusive ``flock`` and the owner's PID and
+    host. A second run is refused naming them; the lock of a process that is gone (the kernel dropped
+    its flock) is taken over with a warning. The file is removed when the run ends."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = self.out / LOCK
+        self.fd: int | None = None
+
+    def acquire(self, announce_takeover: bool = True) -> "OutLock":
+        import fcntl
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {self.out}: cannot create it ({err.strerror or err})")
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"--out {self.out}: cannot create {LOCK} ({err.strerror or err})")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = _read_owner(fd)
+                os.close(fd)
+                who = f"PID {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+                raise UserError(f"--out {self.out} is in use by another run ({who}): wait for it to end, or "
+                                "choose another --out")
+            try:  # the holder before us may have removed the file after we opened it: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            owner = _read_owner(fd)
+            if owner and announce_takeover and owner.get("pid") != os.getpid():
+                warn(f"--out {self.out}: taking over the lock of PID {owner.get('pid')} on {owner.get('host')}, "
+                     "which is no longer running")
+            data = json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}).encode()
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+            except OSError:
+                pass  # a full disk: the flock alone still keeps other runs out
+            self.fd = fd
+            return self
+        raise UserError(f"--out {self.out}: could not take {LOCK}")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+_LOCKS: dict[str, OutLock] = {}
+
+
+def lock_out_dir(out: str | os.PathLike, announce_takeover: bool = True) -> None:
+    """Take ``out``'s lock for this process (a no-op when it already holds it)."""
+    key = os.path.realpath(out)
+    if key not in _LOCKS:
+        _LOCKS[key] = OutLock(out).acquire(announce_takeover)
+
+
+def unlock_out_dirs() -> None:
+    while _LOCKS:
+        _LOCKS.popitem()[1].release()
 
 
 def sha256_file(path: str | os.PathLike, gunzip: bool = False) -> str:
@@ -184,10 +306,39 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable record ({err})")
     if not isinstance(record, dict) or "workload" not in record:
         raise UserError(f"{path}: not a parallelnn record")
-    if record.get("format_version", 1) > FORMAT_VERSION:
+    version = record.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{path}: record format {version!r} is not one parallelnn wrote")
+    if version > FORMAT_VERSION:
         raise UserError(f"{path}: record format {record['format_version']} is newer than this parallelnn "
                         f"understands ({FORMAT_VERSION}); upgrade parallelnn")
+    problem = check_record(record)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     return record
+
+
+# Fields readers compute with: their types (numbers must be finite where a ratio is taken from them).
+RECORD_FIELDS = {"workload": str, "strategy": str, "world_size": int, "samples_per_second": (int, float),
+                 "train_seconds": (int, float), "mfu": (int, float), "test_accuracy": (int, float),
+                 "test_loss": (int, float), "epochs": int, "batch_size": int, "steps": int}
+FINITE = ("world_size", "samples_per_second", "train_seconds", "epochs", "batch_size", "steps")
+
+
+def check_record(record: dict[str, Any]) -> str | None:
+    """Why a record's fields cannot be computed with (a wrong type, a NaN where a ratio is taken), or None."""
+    import math
+
+    for key, kind in RECORD_FIELDS.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = "an integer" if kind is int else "a string" if kind is str else "a number"
+            return f"field '{key}' is {value!r}, not {what}"
+        if key in FINITE and isinstance(value, float) and not math.isfinite(value):
+            return f"field '{key}' is {value}, not a finite number"
+    return None
 
 
 def read_metrics(run_dir: str | os.PathLike, superseded: bool = False) -> list[dict[str, Any]]:

@@ -162,10 +162,14 @@ def _expand(arg: str) -> tuple[list[Path], list[tuple[str, str]]]:
                 found.append(path)
         elif (path / RECORD).is_file():
             found.append(path / RECORD)
+        elif (path / METRICS).is_file():  # a run that has not finished (or is still running)
+            empty.append((str(path), f"no {RECORD}: a run that did not finish (only {METRICS})"))
         else:  # a bench directory, or runs/: every record below it
             below = sorted(path.rglob(RECORD))
             found += below
-            if not below:
+            unfinished = sorted(m.parent for m in path.rglob(METRICS) if not (m.parent / RECORD).is_file())
+            empty += [(str(d), f"no {RECORD}: a run that did not finish (only {METRICS})") for d in unfinished]
+            if not below and not unfinished:
                 empty.append((str(path), f"no {RECORD} in it or below it"))
     return found, empty
 

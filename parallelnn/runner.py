@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 
 from parallelnn import baseline, launch, measure, parallel, workloads
-from parallelnn.checkpoint import Checkpointer
+from parallelnn.checkpoint import Checkpointer, resume_hint
 from parallelnn.config import RunConfig, config_to_argv, validate
 from parallelnn.data.loaders import DataLoaderLoader, MemoryLoader, make_loader, steps_per_epoch
 from parallelnn.errors import UserError, warn
 from parallelnn.parallel.engine import Engine
 from parallelnn.progress import Progress
-from parallelnn.record import Recorder, hardware, prepare_out_dir, read_record, versions
+from parallelnn.record import (Recorder, hardware, lock_out_dir, prepare_out_dir, read_record, unlock_out_dirs,
+                               versions, write_or_explain)
 from parallelnn.trainer import PROGRESS_FILE, Hooks, LoopState, Trainer, final_eval
 from parallelnn.watchdog import Watchdog
 from parallelnn.workload import GENERAL_DEFAULTS, Workload
@@ -171,6 +172,7 @@ class Trained:
     state: LoopState
     trainer: Trainer
     recorder: Recorder
+    checkpointer: Checkpointer
     resumed_from: Path | None
     started_at: float
 
@@ -178,6 +180,8 @@ class Trained:
 def train(setup: Setup, hooks: Hooks | None) -> Trained:
     """Stage 2: resume when asked, then the training loop, under signal handling and hang detection."""
     cfg, ctx, out = setup.cfg, setup.ctx, setup.out
+    if ctx.is_main and (not os.environ.get(launch.SPAWNED_ENV) or ctx.nnodes > 1):  # before writing; a job this
+        lock_out_dir(out, announce_takeover=ctx.restart_count == 0)  # command spawned: its parent holds the lock
     recorder = Recorder(out, enabled=ctx.is_main, append=bool(cfg.resume) or ctx.restart_count > 0)
     if cfg.tensorboard and ctx.is_main:
         from parallelnn import tboard
@@ -185,7 +189,8 @@ def train(setup: Setup, hooks: Hooks | None) -> Trained:
         recorder.sinks.append(tboard.TensorBoardSink(out))
     unit = "tokens" if setup.workload.tokens_per_sample else "samples"
     progress = Progress(ctx.is_main and not cfg.quiet, len(setup.train_loader) * cfg.epochs, cfg.epochs, unit=unit)
-    checkpointer = Checkpointer(cfg, ctx, setup.engine, setup.workload, Path(cfg.checkpoint_dir or out / "checkpoints"))
+    checkpointer = Checkpointer(cfg, ctx, setup.engine, setup.workload, Path(cfg.checkpoint_dir or out / "checkpoints"),
+                                out, recorder)
     if cfg.checkpoint_every:
         checkpointer.check_writable()
     watchdog = (Watchdog(ctx.rank, ctx.world_size, cfg.timeout, ctx.restart_count)
@@ -207,21 +212,23 @@ def train(setup: Setup, hooks: Hooks | None) -> Trained:
         setup.test_loader.close()
     if state.stop_requested:
         raise Stopped(state.stop_signal, state.global_step, trainer.last_checkpoint)
-    return Trained(state, trainer, recorder, resumed_from, started)
+    return Trained(state, trainer, recorder, checkpointer, resumed_from, started)
 
 
-def save_weights(setup: Setup) -> dict[str, Any]:
+def save_weights(setup: Setup, trained: Trained) -> dict[str, Any]:
     """Stage 3: the full weights gathered from every rank (a collective) and written by rank 0, then the
-    workload's evaluations of the saved model; returns what those add to the record."""
+    workload's evaluations of the saved model; returns what those add to the record. Weights that cannot
+    be written end the run with one line naming the last good checkpoint."""
     state_dict = setup.engine.full_state_dict()  # collective: every rank takes part
     if not setup.ctx.is_main:
         return {}
-    workload = setup.workload
+    workload, last_good = setup.workload, trained.checkpointer.last_good()
     if workload.save is not None:
-        saved = workload.save(state_dict, setup.out)
+        saved = setup.out / "model"
+        write_or_explain(saved, lambda: workload.save(state_dict, setup.out), last_good)
     else:
         saved = setup.out / "model.safetensors"
-        write_safetensors(state_dict, saved)
+        write_or_explain(saved, lambda: write_safetensors(state_dict, saved), last_good)
     return workload.evaluate_saved(saved) if workload.evaluate_saved is not None else {}
 
 
@@ -245,17 +252,19 @@ def execute(cfg: RunConfig, hooks: Hooks | None = None,
         setup = set_up(cfg, ctx, build)
         trained = train(setup, hooks)
         per_rank = per_rank_figures(setup, trained)
-        evaluated = save_weights(setup)
+        evaluated = save_weights(setup, trained)
         record = build_record(setup, trained, per_rank, evaluated) if ctx.is_main else None
         if record is not None:
-            trained.recorder.finish(record)
+            trained.recorder.finish(record, trained.checkpointer.last_good())
         trained.recorder.close()
     except BaseException:
+        unlock_out_dirs()
         if not ctx.multi_rank:
             launch.teardown()
         # A failing rank leaves its peers mid-collective: tearing the group down now can crash or
         # hang, which would hide this rank's own error. The process is about to end anyway.
         raise
+    unlock_out_dirs()
     launch.teardown()
     return record
 
@@ -302,7 +311,8 @@ def _measurements(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]]
             "per_rank": per_rank, "restarts": setup.ctx.restart_count, "resumes": state.resumes,
             "lost_steps": state.lost_steps,
             "resumed_from": str(trained.resumed_from) if trained.resumed_from else None,
-            "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None}
+            "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+            "run_id": trained.checkpointer.run_id, "resume_changes": trained.checkpointer.changes or None}
 
 
 def _provenance(setup: Setup, started: float) -> dict[str, Any]:
@@ -345,9 +355,9 @@ class Stopped(Exception):
 
         self.signum, self.exit_code = signum, 128 + signum
         name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint could be saved"
-        super().__init__(f"stopped by {name} after step {step}; {where}; to continue, run the same "
-                         "command with --resume auto")
+        where = (f"checkpoint {checkpoint}; to continue, run the same command with --resume auto" if checkpoint
+                 else "no checkpoint could be saved: a new run starts from the beginning")
+        super().__init__(f"stopped by {name} after step {step}; {where}")
 
 
 @contextlib.contextmanager
@@ -387,7 +397,7 @@ def resume(cfg: RunConfig, ctx: launch.Context, checkpointer: Checkpointer, trai
             warn(f"no complete checkpoint in {checkpointer.directory}; starting from the beginning")
         recorder.log("restart", restart=ctx.restart_count, checkpoint=None, **{"train/global_step": 0})
         return None
-    checkpointer.load(path, trainer)
+    checkpointer.load(path, loop=trainer)
     s = trainer.state
     lost = 0
     if ctx.is_main:
@@ -432,8 +442,8 @@ def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
         if os.environ.get("RANK") == "0":
             print(f"parallelnn: {stop}", file=sys.stderr)
         code = stop.exit_code
-    except UserError as err:
-        code = report_user_error(err)
+    except UserError as err:  # a spawned rank's parent prints it, once
+        code = getattr(err, "exit_code", 2) if os.environ.get(launch.SPAWNED_ENV) else report_user_error(err)
         get_error_handler().record_exception(err)  # torchrun's agent reads it: the root cause
     except BaseException as err:  # noqa: BLE001 - anything else: its traceback is the message
         for line in traceback.format_exc().splitlines():
@@ -477,7 +487,16 @@ def run_job(cfg: RunConfig) -> dict[str, Any] | None:
         return execute_rank(cfg)
     if cfg.world_size > 1 or cfg.max_restarts > 0:  # torchrun's agent also restarts a lone process
         cfg = preflight(cfg)
-        launch.spawn(cfg, ["run", *config_to_argv(cfg)])
+        if cfg.nnodes == 1:  # with several machines, only the one running global rank 0 writes --out
+            lock_out_dir(cfg.out)
+        try:
+            launch.spawn(cfg, ["run", *config_to_argv(cfg)])
+        except launch.LaunchFailed as err:
+            if err.stopped:
+                err.args = (f"{err}{resume_hint(cfg)}",)
+            raise
+        finally:
+            unlock_out_dirs()
         record_path = Path(cfg.out) / "record.json"
         return read_record(record_path) if record_path.is_file() else None
     return execute(cfg)

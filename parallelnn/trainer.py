@@ -24,12 +24,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from parallelnn import faults
 from parallelnn.launch import T0_ENV, Context
 from parallelnn.measure import CommProbe, TensorBytes, now
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder
+from parallelnn.watchdog import Phase
 
-FAULT_ENV = "PARALLELNN_FAULT"
 PROGRESS_FILE = "progress"  # rank 0's last finished step, to count the steps a failure lost
 
 
@@ -61,37 +62,6 @@ class Hooks:
     """Optional callbacks at step boundaries (fault injection in tests, experiments)."""
 
     after_step: list = field(default_factory=list)  # fn(trainer) -> None
-
-
-def injected_fault(ctx: Context):
-    """A test hook from ``PARALLELNN_FAULT=RANK:STEP:KIND`` (KIND: raise, kill, hang, enospc), or None.
-
-    For testing what users meet in production: a rank that raises, dies (SIGKILL), stops responding,
-    or whose checkpoint save at STEP finds the disk full. It fires only in the first attempt of a job
-    (not after a torchrun restart), so a restarted job can finish.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or ctx.restart_count > 0:
-        return None
-    rank, step, kind = spec.split(":")
-    if int(rank) != ctx.rank:
-        return None
-
-    def hook(trainer) -> None:
-        if trainer.state.global_step != int(step):
-            return
-        if kind == "raise":
-            raise RuntimeError(f"injected fault: rank {ctx.rank} raised after step {step}")
-        if kind == "kill":
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "hang":
-            while True:
-                time.sleep(3600)
-
-    hook.kind, hook.step = kind, int(step)
-    return hook
 
 
 @dataclass
@@ -159,12 +129,7 @@ class Trainer:
         self.recorder, self.progress = recorder, progress
         self.checkpointer = checkpointer
         self.hooks = hooks or Hooks()
-        fault = injected_fault(ctx)
-        if fault is not None:
-            if fault.kind == "enospc" and checkpointer is not None:
-                checkpointer.fault_step = fault.step
-            else:
-                self.hooks.after_step.append(fault)
+        faults.install(self, ctx)
         self.state = LoopState()
         self.stop = StopFlag(ctx)
         self.metrics = workload.metrics
@@ -185,9 +150,9 @@ class Trainer:
         self.last_checkpoint = None
         self.watchdog = watchdog
 
-    def _at(self, phase: int) -> None:
+    def _at(self, phase: Phase) -> None:
         if self.watchdog is not None:
-            self.watchdog.at(self.state.global_step + (phase == 1), phase)
+            self.watchdog.at(self.state.global_step + (phase == Phase.STEP), phase)
 
     # -- losses ------------------------------------------------------------------------------------
     def flush(self) -> list[float]:
@@ -251,6 +216,7 @@ class Trainer:
         sums = torch.zeros(len(keys), dtype=torch.float64, device=self.ctx.device)
         steps = samples = 0
         for x, y, n in self.test_loader:
+            self._at(Phase.EVAL)  # each batch is progress the watchdog sees: a long evaluation is no hang
             out = engine.eval_step(x, y)
             steps += 1
             samples += n
@@ -273,15 +239,16 @@ class Trainer:
         s.eval_curve.append({"epoch": s.epoch + 1, "global_step": s.global_step, **metrics})
 
     # -- saving and restoring ------------------------------------------------------------------------
-    def loop_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:  # Stateful: the checkpointer saves it as "loop"
         """The loop's state for a checkpoint taken now (pending losses must have been flushed)."""
         state = dataclasses.asdict(self.state)
-        state["epoch_seconds"] = self.state.epoch_seconds + (now(self.ctx.device) - self._epoch_start - self._paused)
+        if hasattr(self, "_epoch_start"):  # in an epoch (before fit, e.g. to check a checkpoint's kinds, not)
+            state["epoch_seconds"] += now(self.ctx.device) - self._epoch_start - self._paused
         state.pop("stop_requested")
         state.pop("stop_signal")
         return state
 
-    def restore_loop_state(self, saved: dict[str, Any]) -> None:
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
         fields = {f.name for f in dataclasses.fields(LoopState)}
         self.state = LoopState(**{k: v for k, v in saved.items() if k in fields})
 
@@ -291,9 +258,9 @@ class Trainer:
             return
         t_pause = now(self.ctx.device)
         paused = self.progress.pause()
-        self._at(3)
+        self._at(Phase.CHECKPOINT)
         self.flush()
-        self.last_checkpoint = self.checkpointer.save(self) or self.last_checkpoint
+        self.last_checkpoint = self.checkpointer.save(self.state.global_step, loop=self) or self.last_checkpoint
         self.progress.resume(paused)
         self._pause_since(t_pause)
 
@@ -315,6 +282,8 @@ class Trainer:
         if self._progress_fd is not None:
             os.close(self._progress_fd)
             self._progress_fd = None
+        if not s.stop_requested and self.recorder.enabled:  # finished: no internal file left in --out
+            (self.recorder.out / PROGRESS_FILE).unlink(missing_ok=True)
         return s
 
     def _train_epoch(self) -> None:
@@ -332,7 +301,7 @@ class Trainer:
                 self.startup_seconds = time.time() - float(os.environ[T0_ENV])
             if self.comm_probe:
                 self.comm_probe.before_step(s.global_step + 1)
-            self._at(1)
+            self._at(Phase.STEP)
             self.tensor_bytes.before_step(s.global_step + 1, engine.parameters())
             loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
             self.tensor_bytes.after_step(s.global_step + 1, engine)
@@ -343,7 +312,7 @@ class Trainer:
             s.global_step += 1
             s.step_in_epoch += 1
             s.samples += n
-            self._at(0)
+            self._at(Phase.FINISHED)
             self.pending.append(StepLog(s.global_step, loss_sum if engine.counts_outputs
                                         else torch.zeros_like(loss_sum), n, grad_norm, engine.lr(),
                                         self._log_point(s.global_step)))
@@ -354,7 +323,7 @@ class Trainer:
             if cfg.eval_every and s.global_step % cfg.eval_every == 0:
                 t_pause = now(ctx.device)
                 paused = self.progress.pause()
-                self._at(2)
+                self._at(Phase.EVAL)
                 self.flush()
                 self._log_eval(self.evaluate())
                 self.progress.resume(paused)
@@ -386,7 +355,7 @@ class Trainer:
                      if s.epoch_losses else float("nan"))
         s.loss_curve.append(mean_loss)
         paused = self.progress.pause()
-        self._at(2)
+        self._at(Phase.EVAL)
         metrics = self.evaluate()
         self.progress.resume(paused)
         self._log_eval(metrics)

@@ -95,7 +95,7 @@ def corrupt(path: Path, how: str) -> None:
         f = path / "model.safetensors"
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     elif how == "flipped byte":
-        f = path / "optimizer.pt"
+        f = path / "optimizer.safetensors"
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
