@@ -53,7 +53,20 @@ def check(cfg: RunConfig, launching: bool = True, skip_workload: bool = False) -
         workloads.check_options(cfg)
     validate(cfg, launching)
     parallel.resolve(cfg)
+    if launching:
+        refuse_finished_run(cfg)
     return cfg
+
+
+def refuse_finished_run(cfg: RunConfig) -> None:
+    """``--resume auto`` on a finished run with no checkpoint would train it again from the start and
+    rewrite its record: refused, unless ``--overwrite`` says so."""
+    if cfg.resume != "auto" or cfg.overwrite or not cfg.out or not (Path(cfg.out) / "record.json").is_file():
+        return
+    checkpoints = Path(cfg.checkpoint_dir or Path(cfg.out) / "checkpoints")
+    if not any(checkpoints.glob("step-*")):
+        raise UserError(f"--resume auto: {cfg.out} holds a finished run and no checkpoint to resume from; nothing "
+                        "was changed (add --overwrite to train it again from the start)")
 
 
 def with_defaults(cfg: RunConfig, workload: Workload) -> RunConfig:

@@ -77,3 +77,15 @@ def test_a_real_process_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "parallelnn: error: --epochs must be positive, got -1"
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_resume_auto_leaves_a_finished_run_alone(tmp_path, capsys):
+    """Nothing to resume in a finished run: exit 2, record and metrics untouched (unless --overwrite)."""
+    out = tmp_path / "done"
+    assert main("run", "iris", "--epochs", "1", "--quiet", "--out", str(out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main("run", "iris", "--epochs", "1", "--quiet", "--out", str(out), "--resume", "auto") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a finished run and no checkpoint to resume from" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main("run", "iris", "--epochs", "1", "--quiet", "--out", str(out), "--resume", "auto", "--overwrite") == 0
