@@ -288,6 +288,12 @@ class GraphedEngine(Engine):
         self._outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.describe["cuda_graph"] = True
 
+    def autocast(self):
+        # Autocast's cache of cast weights must not outlive a capture (torch.cuda.graphs' own advice).
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
     def _step(self, x: torch.Tensor, y: torch.Tensor, scale: float, set_to_none: bool):
         self.optimizer.zero_grad(set_to_none=set_to_none)
         with self.autocast():
