@@ -141,17 +141,21 @@ def mnist_pnn(args, name: str, *options: str) -> None:
 def mnist_equality(args) -> None:
     """fp32 (TF32 off) step losses of eager, --compile and --cuda-graph: 21 steps, the last one uneven."""
     common = ("mnist", "--data", args.mnist, "--epochs", "1", "--limit", "1300", "--log-every", "1")
-    outs = {}
+    losses = {}
     for name, extra in (("eager", ()), ("compile", ("--compile",)), ("cuda-graph", ("--cuda-graph",)),
                         ("eager-again", ())):
-        outs[name] = args.out / f"eq-mnist-{name}"
-        pnn(args, outs[name], *common, *extra, timeout=args.part_timeout)
-    eager = step_losses(outs["eager"])
+        try:
+            pnn(args, args.out / f"eq-mnist-{name}", *common, *extra, timeout=args.part_timeout)
+            losses[name] = step_losses(args.out / f"eq-mnist-{name}")
+        except Exception as err:  # noqa: BLE001 - one variant failing leaves the others compared
+            log(f"equality mnist {name}: {err}")
+            losses[name] = []
+    eager = losses["eager"]
     RESULTS["equality mnist"] = {
         "steps": len(eager),
-        "eager vs eager (run to run)": max_rel(step_losses(outs["eager-again"]), eager),
-        "compile vs eager": max_rel(step_losses(outs["compile"]), eager),
-        "cuda-graph vs eager": max_rel(step_losses(outs["cuda-graph"]), eager)}
+        "eager vs eager (run to run)": max_rel(losses["eager-again"], eager),
+        "compile vs eager": max_rel(losses["compile"], eager),
+        "cuda-graph vs eager": max_rel(losses["cuda-graph"], eager)}
 
 
 # -- GPT-2 ----------------------------------------------------------------------------------------------------

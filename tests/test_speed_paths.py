@@ -36,6 +36,15 @@ def test_compile_matches_eager_within_1e_5(tmp_path):
     assert compiled["test_accuracy"] == record(tmp_path / "eager")["test_accuracy"]
 
 
+@pytest.mark.slow
+def test_fsdp_compile_matches_eager_within_1e_5(tmp_path):
+    """FSDP2 with each block's forward compiled (its gathers outside the graphs), one rank."""
+    assert main(*IRIS, "--out", str(tmp_path / "eager")) == 0
+    assert main(*IRIS, "--out", str(tmp_path / "fsdp"), "--strategy", "fsdp", "--compile") == 0
+    assert record(tmp_path / "fsdp")["strategy_detail"]["compiled_modules"] == 2  # iris: two Linear blocks
+    assert_close(step_losses(tmp_path / "fsdp"), step_losses(tmp_path / "eager"), 1e-5)
+
+
 # -- the CUDA-graph engine's logic, with an eager stand-in for the graph ------------------------------------
 
 class EagerReplay:
