@@ -39,6 +39,26 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def mark(device: torch.device):
+    """A point in the device's work without waiting for it: on CUDA an event recorded on the current stream,
+    elsewhere the time after a sync (CPU work is synchronous). :func:`elapsed` reads two of them."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return now(device)
+
+
+def elapsed(start, end) -> float:
+    """Seconds between two :func:`mark` results (CUDA events wait here for the later one to complete)."""
+    if isinstance(start, float) and isinstance(end, float):
+        return end - start
+    if isinstance(start, float) or isinstance(end, float):  # a mark from before a sync and a float: both times
+        raise TypeError("marks of different kinds")
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
 def flops_per_sample(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> float:
     """FLOPs of forward + backward per sample, counted on one small batch; leaves no gradients behind."""
     with FlopCounterMode(display=False) as counter:
