@@ -120,8 +120,11 @@ def _cached(key: str, probe, refresh: bool) -> float:
             cache = json.loads(path.read_text())
         except (OSError, ValueError):
             cache = {}
-    if key in cache and not refresh:
-        return float(cache[key])
+    entry = cache.get(key)
+    if isinstance(entry, dict):  # a newer cache format: {"value": ..., "measured_at": ..., "source": ...}
+        entry = entry.get("value")
+    if isinstance(entry, (int, float)) and not refresh:
+        return float(entry)
     value = probe()
     cache[key] = value
     try:
