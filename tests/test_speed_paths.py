@@ -14,8 +14,9 @@ from torch import nn
 
 from conftest import events, main, record
 
-IRIS_ANY = ("run", "iris", "--epochs", "2", "--limit", "64", "--batch-size", "32", "--log-every", "1", "--quiet")
-IRIS = (*IRIS_ANY, "--device", "cpu")  # on CPU even where a GPU is present
+# On CPU even where a GPU is present (the CUDA tests below use a workload without scikit-learn).
+IRIS = ("run", "iris", "--epochs", "2", "--limit", "64", "--batch-size", "32", "--log-every", "1", "--quiet",
+        "--device", "cpu")
 
 
 def step_losses(out) -> list[float]:
@@ -80,14 +81,21 @@ class EagerReplay:
         return replay, out
 
 
-def tiny_workload(seed: int = 0):
-    from parallelnn.workload import Workload, complete
+def tiny_raw(seed: int = 0):
+    """70 samples of 6 features, 3 classes, an MLP (no scikit-learn: the GPU machine may lack it)."""
+    from parallelnn.workload import Workload
 
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(70, 6, generator=g), torch.randint(0, 3, (70,), generator=g)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    return complete(Workload(model=model, train=(x, y), test=(x[:10], y[:10]), max_grad_norm=1.0), seed, "tiny")
+    return Workload(model=model, train=(x, y), test=(x[:10], y[:10]), max_grad_norm=1.0)
+
+
+def tiny_workload(seed: int = 0):
+    from parallelnn.workload import complete
+
+    return complete(tiny_raw(seed), seed, "tiny")
 
 
 def drive(engine_cls, epochs: int = 3, device: str = "cpu", precision: str = "fp32", **kwargs) -> list[float]:
@@ -136,12 +144,18 @@ def test_cuda_graph_matches_eager_on_cuda(precision):
     assert_close(graphed, eager, 1e-5 if precision == "fp32" else 1e-2)
 
 
+def run_tiny(out, **options):
+    import parallelnn
+
+    return parallelnn.run(tiny_raw(), out=str(out), epochs=3, batch_size=16, log_every=1, quiet=True, lr=1e-2,
+                          **options)
+
+
 @CUDA
 def test_cuda_graph_and_compile_runs_match_eager_on_cuda(tmp_path):
-    cuda = (*IRIS_ANY, "--device", "cuda")
-    assert main(*cuda, "--out", str(tmp_path / "eager")) == 0
-    assert main(*cuda, "--out", str(tmp_path / "graph"), "--cuda-graph") == 0
-    assert main(*cuda, "--out", str(tmp_path / "compiled"), "--compile") == 0
+    run_tiny(tmp_path / "eager", device="cuda")
+    run_tiny(tmp_path / "graph", device="cuda", cuda_graph=True)
+    run_tiny(tmp_path / "compiled", device="cuda", compile=True)
     eager = step_losses(tmp_path / "eager")
     assert record(tmp_path / "graph")["strategy_detail"]["cuda_graph"] is True
     assert_close(step_losses(tmp_path / "graph"), eager, 1e-5)
@@ -150,9 +164,8 @@ def test_cuda_graph_and_compile_runs_match_eager_on_cuda(tmp_path):
 
 @CUDA
 def test_fsdp_bf16_policy_matches_single_autocast_on_cuda(tmp_path):
-    cuda = (*IRIS_ANY, "--device", "cuda", "--precision", "bf16")
-    assert main(*cuda, "--out", str(tmp_path / "single")) == 0
-    assert main(*cuda, "--out", str(tmp_path / "fsdp"), "--strategy", "fsdp") == 0
+    run_tiny(tmp_path / "single", device="cuda", precision="bf16")
+    run_tiny(tmp_path / "fsdp", device="cuda", precision="bf16", strategy="fsdp")
     assert record(tmp_path / "fsdp")["peak_dtype"] == "bf16"
     assert_close(step_losses(tmp_path / "fsdp"), step_losses(tmp_path / "single"), 2e-2)
 
