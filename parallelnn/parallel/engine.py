@@ -278,10 +278,11 @@ class GraphedEngine(Engine):
         self.graphs = graphs or CudaGraphs(self.device)
         if self.graphs.capturable:
             for group in self.optimizer.param_groups:
-                if "capturable" not in group:
+                if "capturable" in group:  # Adam, AdamW, ...: step counts kept on the device
+                    group["capturable"] = True
+                elif not isinstance(self.optimizer, torch.optim.SGD):  # SGD keeps no counts: capturable as is
                     raise UserError(f"--cuda-graph needs an optimizer that can be captured (Adam, AdamW, SGD...): "
                                     f"{type(self.optimizer).__name__} cannot")
-                group["capturable"] = True
         self._eager_steps = 0
         self._replay: Callable[[], None] | None = None
         self._static: tuple[torch.Tensor, torch.Tensor, float] | None = None
