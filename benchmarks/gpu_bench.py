@@ -316,7 +316,7 @@ def table(args) -> str:
         for k, v in r.items():
             if k != "steps":
                 limit = 2e-2 if "bf16" in k else 1e-5
-                verdict = "ok" if v <= limit else f"ABOVE {limit:g}"
+                verdict = "ok" if v <= limit else "a run failed" if math.isinf(v) else f"ABOVE {limit:g}"
                 lines.append(f"  {name}, {k}: {v:.2e} over {r['steps']} steps ({verdict})")
     return "\n".join(lines)
 
