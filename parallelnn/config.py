@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 LOADERS = ("memory", "dataloader")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 PRECISIONS = ("fp32", "bf16", "fp16")
+REDUCE_PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("gloo", "nccl")
 
 
@@ -57,6 +58,15 @@ class RunConfig:
     lr: float | None = opt(None, "learning rate (default: the workload's)", metavar="LR")
     seed: int = opt(0, "seed for weights, data order and splits", metavar="N")
     precision: str = opt("fp32", "autocast precision for the forward pass", choices=PRECISIONS)
+    reduce_precision: str = opt("fp32", "fsdp/hybrid with --precision bf16: the dtype gradients are reduced in "
+                                "(FSDP2 MixedPrecisionPolicy.reduce_dtype)", choices=REDUCE_PRECISIONS)
+    tf32: bool = opt(False, "CUDA: let fp32 matrix multiplies and convolutions use TF32 tensor cores (MFU is then "
+                     "measured against the TF32 peak)", flag=True)
+    compile: bool = opt(False, "torch.compile the model (the first step compiles: see first_step_seconds)", flag=True)
+    cuda_graph: bool = opt(False, "single on CUDA: capture the whole training step (forward, backward, optimizer) "
+                           "in a CUDA graph and replay it; the uneven last batch runs eagerly", flag=True)
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward instead of "
+                                         "keeping them (the workload's blocks: gpt2's transformer layers)", flag=True)
     grad_accum: int = opt(1, "split each per-rank batch into this many accumulation chunks", metavar="N")
     max_grad_norm: float | None = opt(None, "clip gradients to this norm (default: the workload's; 0 = off)",
                                       metavar="X")
@@ -223,6 +233,17 @@ def validate(cfg: RunConfig, launching: bool = True) -> RunConfig:
         host, _, port = cfg.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UserError(f"--rdzv-endpoint '{cfg.rdzv_endpoint}' must be HOST:PORT")
+    if cfg.reduce_precision not in REDUCE_PRECISIONS:
+        raise UserError(f"unknown reduce precision '{cfg.reduce_precision}': choose one of {', '.join(REDUCE_PRECISIONS)}")
+    if cfg.reduce_precision != "fp32" and cfg.precision != "bf16":
+        raise UserError("--reduce-precision applies with --precision bf16 (the parameters' dtype under FSDP)")
+    if cfg.cuda_graph and cfg.compile:
+        raise UserError("--cuda-graph and --compile are two ways of the same thing here: choose one")
+    if cfg.cuda_graph and cfg.grad_accum > 1:
+        raise UserError("--cuda-graph captures one forward and backward per step: it cannot take --grad-accum")
+    if cfg.cuda_graph and cfg.precision == "fp16":
+        raise UserError("--cuda-graph cannot take --precision fp16 (its loss scaler synchronises with the host); "
+                        "use bf16")
     if cfg.loader == "memory" and cfg.workers:
         raise UserError("--workers applies to --loader dataloader (the memory loader has no workers)")
     if cfg.batch_size is not None and cfg.grad_accum > cfg.batch_size:

@@ -47,6 +47,26 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def mark(device: torch.device):
+    """A point in the device's work without waiting for it: on CUDA an event recorded on the current stream,
+    elsewhere the time after a sync (CPU work is synchronous). :func:`elapsed` reads two of them."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return now(device)
+
+
+def elapsed(start, end) -> float:
+    """Seconds between two :func:`mark` results (CUDA events wait here for the later one to complete)."""
+    if isinstance(start, float) and isinstance(end, float):
+        return end - start
+    if isinstance(start, float) or isinstance(end, float):  # a mark from before a sync and a float: both times
+        raise TypeError("marks of different kinds")
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
 def flops_per_sample(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> float:
     """FLOPs of forward + backward per sample, counted on one small batch; leaves no gradients behind."""
     with FlopCounterMode(display=False) as counter:
@@ -69,7 +89,8 @@ PROBE_PAUSE_S = 0.25  # ...this far apart, so that a passing burst of other work
 
 
 def _probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> float:
-    n = 2048 if device.type == "cpu" else 8192
+    # CPUs without native half-precision units multiply bf16/fp16 slowly: a smaller probe keeps it short.
+    n = (2048 if dtype == torch.float32 else 1024) if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):  # warm-up: kernel selection, thread pool start
@@ -223,6 +244,25 @@ def peak_tf32_flops(device: torch.device, refresh: bool = False) -> float:
             torch.backends.cuda.matmul.allow_tf32 = saved
 
     return _cached(_cache_key(device, "tf32"), probe, refresh)
+
+
+#: The dtype a run's matrix multiplies use -> the probe that measures its peak.
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": "tf32"}
+
+
+def compute_dtype(precision: str, tf32: bool, device: torch.device) -> str:
+    """The dtype a run's matrix multiplies actually use: its autocast / FSDP precision, else TF32 where it is
+    switched on (CUDA), else fp32. MFU divides by the measured peak of this dtype."""
+    if precision in ("bf16", "fp16"):
+        return precision
+    return "tf32" if tf32 and torch.device(device).type == "cuda" else "fp32"
+
+
+def peak_flops_of(device: torch.device, dtype: str, refresh: bool = False) -> float:
+    """The measured (cached) peak matmul FLOP/s of ``dtype`` (a key of :data:`COMPUTE_DTYPES`) on ``device``."""
+    if dtype == "tf32":
+        return peak_tf32_flops(device, refresh)
+    return peak_flops(device, COMPUTE_DTYPES[dtype], refresh)
 
 
 def _bandwidth_probe(device: torch.device, seconds: float = 0.3) -> float:

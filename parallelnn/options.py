@@ -19,6 +19,7 @@ GROUPS = (
     ("what and where", ("workload", "strategy", "device")),
     ("data", ("data", "download", "limit", "loader", "workers", "threads", "test_size")),
     ("training", ("epochs", "batch_size", "lr", "seed", "precision", "grad_accum", "max_grad_norm")),
+    ("speed", ("compile", "cuda_graph", "tf32", "reduce_precision", "activation_checkpointing")),
     ("output and evaluation", ("out", "overwrite", "quiet", "log_every", "eval_every", "baseline", "tensorboard")),
     ("launch", ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout", "max_restarts", "backend",
                 "timeout")),

@@ -32,7 +32,8 @@ from parallelnn.checkpoint import Checkpointer, resume_hint
 from parallelnn.config import RunConfig, config_to_argv, validate
 from parallelnn.data.loaders import DataLoaderLoader, MemoryLoader, make_loader, steps_per_epoch
 from parallelnn.errors import UserError, warn
-from parallelnn.parallel.engine import Engine
+from parallelnn.parallel.engine import Engine, checkpoint_blocks
+from parallelnn.parallel.engine import blocks_of as engine_blocks
 from parallelnn.progress import Progress
 from parallelnn.record import (Recorder, hardware, lock_out_dir, prepare_out_dir, read_record, unlock_out_dirs,
                                versions, write_or_explain)
@@ -103,13 +104,36 @@ def _devices(ctx: launch.Context) -> int:
     return ctx.world_size if ctx.device.type != "cpu" else ctx.nnodes
 
 
-def _peak(ctx: launch.Context) -> float:
-    """The device peak from the per-machine cache; with several local ranks only one of them probes."""
+def _peak(ctx: launch.Context, dtype: str = "fp32") -> float:
+    """The device peak of ``dtype`` (see ``measure.compute_dtype``) from the per-machine cache; with several local
+    ranks only one of them probes."""
     if ctx.multi_rank:
         if ctx.local_rank == 0:
-            measure.peak_flops(ctx.device)
+            measure.peak_flops_of(ctx.device, dtype)
         dist.barrier()
-    return measure.peak_flops(ctx.device) * _devices(ctx)
+    return measure.peak_flops_of(ctx.device, dtype) * _devices(ctx)
+
+
+def set_matmul_precision(cfg: RunConfig, device: torch.device) -> None:
+    """``--tf32``: CUDA matrix multiplies and cuDNN convolutions may use TF32; without it both stay true fp32
+    (cuDNN's own default allows TF32 convolutions: here fp32 means fp32, and MFU's denominator says which)."""
+    if cfg.tf32 and device.type != "cuda":
+        raise UserError(f"--tf32 is a CUDA matrix-multiply mode; this run is on {device.type}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def prepare_model(cfg: RunConfig, workload: Workload) -> int:
+    """What the model needs before a strategy wraps it: ``--activation-checkpointing`` per block (after the
+    FLOPs were counted, so that MFU counts the model's work, not the recomputation); returns the blocks."""
+    if not cfg.activation_checkpointing:
+        return 0
+    blocks = engine_blocks(workload.model, workload)
+    if not blocks:
+        raise UserError("--activation-checkpointing needs a model with blocks: give the Workload blocks=..., layers=..."
+                        " or an nn.ModuleList of layers")
+    return checkpoint_blocks(blocks)
 
 
 def _baseline(cfg: RunConfig, workload: Workload, device: torch.device) -> dict[str, Any] | None:
@@ -143,6 +167,7 @@ class Setup:
     peak_flops: float
     baseline: dict[str, Any] | None
     log: Callable[[str], None]
+    peak_dtype: str = "fp32"  # the dtype whose measured peak MFU divides by
 
 
 def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Workload] | None = None) -> Setup:
@@ -152,6 +177,7 @@ def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Wor
 
         tboard.require()
     threads = launch.set_threads(cfg.threads, ctx.local_world_size)
+    set_matmul_precision(cfg, ctx.device)
     out = Path(launch.agree(cfg.out or default_out(cfg), ctx))
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
         prepare_out_dir(out, cfg.overwrite)
@@ -163,7 +189,10 @@ def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Wor
     sample = workload.train.head(min(8, len(workload.train)))
     flops = measure.flops_per_sample(workload.model, workload.loss, sample.prepare(sample.inputs), sample.targets)
     total_steps = steps_per_epoch(len(workload.train), cfg.batch_size, layout.dp) * cfg.epochs
+    checkpointed = prepare_model(cfg, workload)
     engine = strategy.apply(workload.model, workload, cfg, ctx, layout, total_steps)
+    if checkpointed:
+        engine.describe["checkpointed_blocks"] = checkpointed
     train_loader, test_loader = (
         make_loader(cfg.loader, split, cfg.batch_size, ctx.device, shuffle=shuffle, seed=cfg.seed,
                     dp_rank=engine.dp_rank, dp_size=layout.dp, workers=cfg.workers)
@@ -174,8 +203,9 @@ def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Wor
     if ctx.is_main:
         log(f"{cfg.workload} on {workload.dataset}: {cfg.strategy} x{ctx.world_size} on {ctx.device.type}, "
             f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
+    dtype = measure.compute_dtype(cfg.precision, cfg.tf32, ctx.device)
     return Setup(cfg, ctx, out, workload, strategy, layout, engine, train_loader, test_loader, threads, flops,
-                 _peak(ctx), base, log)
+                 _peak(ctx, dtype), base, log, dtype)
 
 
 @dataclass
@@ -313,9 +343,12 @@ def _results(state: LoopState) -> dict[str, Any]:
 def _measurements(setup: Setup, trained: Trained, per_rank: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     trainer, engine, state = trained.trainer, setup.engine, trained.state
     devices = _devices(setup.ctx)  # a run faster than the cached peak has it probed again (it was busy then)
-    peak = measure.check_peak(setup.ctx.device, setup.flops_per_sample * rate / devices) * devices
-    return {"flops_per_sample": setup.flops_per_sample, "peak_flops": peak,
-            "peak_measured_at": measure.peak_measured_at(setup.ctx.device),
+    peak, dtype, measured_at = setup.peak_flops, measure.COMPUTE_DTYPES.get(setup.peak_dtype), None
+    if isinstance(dtype, torch.dtype):  # (the TF32 probe is a mode of fp32, not a dtype of its own)
+        peak = measure.check_peak(setup.ctx.device, setup.flops_per_sample * rate / devices, dtype) * devices
+        measured_at = measure.peak_measured_at(setup.ctx.device, dtype)
+    return {"flops_per_sample": setup.flops_per_sample, "peak_flops": peak, "peak_dtype": setup.peak_dtype,
+            "peak_measured_at": measured_at,
             "mfu": measure.mfu(setup.flops_per_sample, rate, peak),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
             "tensor_bytes": max((r["tensor_bytes"]["total"] for r in per_rank if r["tensor_bytes"]), default=None),
@@ -475,6 +508,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
 
         tboard.require()
     device = launch.resolve_device(cfg.device)
+    set_matmul_precision(cfg, device)
     strategy, layout = parallel.resolve(cfg)
     if strategy.needs_process_group:
         launch.check_backend(cfg.backend, device)
@@ -485,7 +519,8 @@ def preflight(cfg: RunConfig) -> RunConfig:
     cfg, workload = build_workload(cfg, torch.device("cpu"), quiet, announce=False)
     strategy.check(cfg, workload, layout)
     _baseline(cfg, workload, device)
-    measure.peak_flops(device)  # probe now, once, rather than in competing ranks
+    # Probe now, once, rather than in competing ranks.
+    measure.peak_flops_of(device, measure.compute_dtype(cfg.precision, cfg.tf32, device))
     return cfg
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from parallelnn import faults
 from parallelnn.launch import T0_ENV, Context
-from parallelnn.measure import CommProbe, TensorBytes, now
+from parallelnn.measure import CommProbe, TensorBytes, elapsed, mark, now
 from parallelnn.progress import Progress
 from parallelnn.record import Recorder
 from parallelnn.watchdog import Phase
@@ -49,7 +49,8 @@ class StepLog:
     n: int
     grad_norm: torch.Tensor | None
     lr: float
-    interval: tuple[float, int] | None = None  # at log steps: (seconds, samples) since the previous one
+    # At log steps, since the previous one: (start mark, end mark, samples, seconds paused): see measure.mark.
+    interval: tuple[Any, Any, int, float] | None = None
 
 
 def eval_name(key: str) -> str:
@@ -136,8 +137,9 @@ class Trainer:
         self.tokens_per_sample = workload.tokens_per_sample
         self.pending: list[StepLog] = []
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
-        self._interval_start: tuple[float, int] = (0.0, 0)
+        self._interval_start: tuple[Any, int, float] = (0.0, 0, 0.0)  # (mark, samples, paused total)
         self._paused = 0.0  # seconds of the current epoch spent outside training (eval, checkpoints)
+        self._paused_total = 0.0  # the same over the whole run (log intervals subtract what they span)
         self._progress_fd: int | None = None
         # Multi-rank runs profile a few early steps to see how much time collectives take.
         self.comm_probe = CommProbe(ctx.device) if ctx.multi_rank else None
@@ -169,7 +171,8 @@ class Trainer:
                       "train/epoch": round(p.step / max(len(self.train_loader), 1), 4), "train/global_step": p.step}
             if p.grad_norm is not None:
                 values["train/grad_norm"] = float(p.grad_norm)
-            seconds, samples = p.interval
+            start, end, samples, paused = p.interval
+            seconds = elapsed(start, end) - paused
             if seconds > 0:
                 values["train/samples_per_second"] = samples / seconds
                 if self.tokens_per_sample:
@@ -183,15 +186,17 @@ class Trainer:
         self.last_loss = losses[-1]
         return losses
 
-    def _log_point(self, step: int) -> tuple[float, int] | None:
-        """At every --log-every-th step: (seconds, samples) since the last log point, after a device sync."""
+    def _log_point(self, step: int) -> tuple[Any, Any, int, float] | None:
+        """At every --log-every-th step: (start mark, end mark, samples, seconds paused) since the last log point.
+        On CUDA a mark is an event on the stream, read at the next flush: a log point does not wait for the
+        device (elsewhere it is the time after a device sync)."""
         log_every = self.cfg.log_every or 0
         if not log_every or step % log_every:
             return None
-        t, samples = now(self.ctx.device), self.state.samples
-        start_t, start_samples = self._interval_start
-        self._interval_start = (t, samples)
-        return t - start_t, samples - start_samples
+        t, samples = mark(self.ctx.device), self.state.samples
+        start_t, start_samples, start_paused = self._interval_start
+        self._interval_start = (t, samples, self._paused_total)
+        return start_t, t, samples - start_samples, self._paused_total - start_paused
 
     def _write_progress(self) -> None:
         """Rank 0 notes its last finished step, so that a resume can count the steps a failure lost.
@@ -293,7 +298,7 @@ class Trainer:
         if s.step_in_epoch == 0:
             s.epoch_losses, s.epoch_counts, s.epoch_seconds = [], [], 0.0
         self._epoch_start = now(ctx.device)
-        self._interval_start = (self._epoch_start, s.samples)
+        self._interval_start = (mark(ctx.device), s.samples, self._paused_total)
         self._paused = 0.0
         for x, y, n in self.train_loader:
             t_step = time.perf_counter()
@@ -380,8 +385,7 @@ class Trainer:
         """Leave the time since ``t_pause`` out of the epoch's training time and the logging interval."""
         paused = now(self.ctx.device) - t_pause
         self._paused += paused
-        t, samples = self._interval_start
-        self._interval_start = (t + paused, samples)
+        self._paused_total += paused
 
 
 def final_eval(state: LoopState) -> dict[str, float]:

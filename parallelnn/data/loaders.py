@@ -160,8 +160,13 @@ class MemoryLoader(_Loader):
         self.targets = split.targets.to(device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        for idx, n in self.plan.rank_batches():
-            idx = idx.to(self.device, non_blocking=True)
+        # The epoch's order goes to the device in one copy (a copy from pageable host memory waits for the
+        # device): the steps themselves then only gather on the device, with no host transfer or sync.
+        batches = list(self.plan.rank_batches())
+        if not batches:
+            return
+        order = torch.cat([idx for idx, _ in batches]).to(self.device, non_blocking=True)
+        for idx, (_, n) in zip(order.split([len(idx) for idx, _ in batches]), batches):
             yield self.inputs.index_select(0, idx), self.targets.index_select(0, idx), n
 
 

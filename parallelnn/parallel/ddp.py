@@ -17,7 +17,8 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
     wrapped = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                       process_group=mesh.get_group("dp"), gradient_as_bucket_view=True)
     return Engine(wrapped, workload, cfg, ctx.device, total_steps, dp_rank=mesh.get_local_rank(), dp_size=layout.dp,
-                  no_sync=wrapped.no_sync, describe={"mesh": layout.mesh()})
+                  no_sync=wrapped.no_sync, describe={"mesh": layout.mesh()},
+                  compile_modules=[model])  # --compile: the model's forward; DDP's hooks and all-reduces outside
 
 
 def cost(inp):
@@ -37,5 +38,5 @@ def cost(inp):
 
 
 STRATEGY = Strategy(name="ddp", summary="DistributedDataParallel: whole model per rank, gradients all-reduced",
-                    layout=data_parallel, apply=apply, order=10,
+                    layout=data_parallel, apply=apply, order=10, options=("compile",),
                     cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost))

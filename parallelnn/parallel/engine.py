@@ -60,6 +60,33 @@ def total_grad_norm(parameters, group=None) -> torch.Tensor:
     return squared.sqrt()
 
 
+def blocks_of(model: nn.Module, workload) -> list[nn.Module]:
+    """A model's repeated blocks: the workload's ``blocks``; else its pipeline ``layers`` that hold parameters;
+    else the entries of the model's largest ``nn.ModuleList`` (a transformer's layers); else none. FSDP shards
+    them one by one, activation checkpointing recomputes them."""
+    if workload.blocks is not None:
+        return list(workload.blocks(model))
+    if workload.layers is not None:
+        return [m for m in workload.layers(model) if any(True for _ in m.parameters())]
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def checkpoint_blocks(blocks: list[nn.Module]) -> int:
+    """Activation checkpointing per block: each block's forward runs under ``torch.utils.checkpoint``
+    (non-reentrant), so backward recomputes its activations instead of keeping them. The forward is
+    replaced on the instance, not wrapped in another module: parameter names, state dicts and checkpoints
+    stay the model's own, and FSDP, tensor plans and pipeline splits see the same modules."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        def forward(*args, _forward=block.forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
 def contiguous_layout(model: nn.Module) -> nn.Module:
     """Undo a channels_last layout the workload chose for speed: FSDP2 shards only contiguous
     parameters, and pipeline stages send only contiguous activations."""
@@ -71,7 +98,12 @@ class Engine:
 
     def __init__(self, module: nn.Module, workload, cfg, device: torch.device, total_steps: int, *,
                  dp_rank: int = 0, dp_size: int = 1, counts_outputs: bool = True,
-                 no_sync: Callable[[], Any] | None = None, norm_group=None, describe: dict | None = None):
+                 no_sync: Callable[[], Any] | None = None, norm_group=None, describe: dict | None = None,
+                 autocast: bool = True, compile_modules: list[nn.Module] | None = None):
+        """``autocast=False``: the strategy casts itself (FSDP2's MixedPrecisionPolicy), the engine must not.
+        ``--compile`` compiles the forward of each of ``compile_modules`` (default: the module) in place, so that
+        parameter names and state dicts do not change and module hooks (FSDP's gathers, DDP's) stay outside the
+        graphs. (``Module.compile()`` is not used: in torch 2.13 it leaves the module uncompiled.)"""
         self.module = module
         self.loss_fn = workload.loss
         self.device = device
@@ -81,12 +113,16 @@ class Engine:
         self.grad_accum = cfg.grad_accum
         self.max_grad_norm = cfg.max_grad_norm or 0.0
         self.track_grad_norm = workload.track_grad_norm or self.max_grad_norm > 0
-        self.autocast_dtype = AUTOCAST.get(cfg.precision)
+        self.autocast_dtype = AUTOCAST.get(cfg.precision) if autocast else None
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self._no_sync = no_sync or contextlib.nullcontext
         self.norm_group = norm_group
         # What the strategy did, for the record (e.g. which layers stayed replicated).
         self.describe = describe or {}
+        if getattr(cfg, "compile", False):
+            for m in compile_modules or [module]:
+                m.forward = torch.compile(m.forward)
+            self.describe["compiled_modules"] = len(compile_modules or [module])
 
     # -- helpers ---------------------------------------------------------------------------------
     def autocast(self):
@@ -188,3 +224,110 @@ class Engine:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+class CudaGraphs:
+    """CUDA graph capture as :class:`GraphedEngine` uses it (a test substitutes an eager stand-in on CPU)."""
+
+    #: The optimizer must keep its step counts on the device (``capturable``) to be captured.
+    capturable = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        """Warm-up steps run on a side stream (what ``torch.cuda.graphs`` asks before a capture)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """(replay, the outputs ``fn`` returned while captured): the captured work has not run yet."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph.replay, out
+
+
+class GraphedEngine(Engine):
+    """The whole training step (forward, backward, gradient clipping, optimizer) captured once in a CUDA
+    graph and replayed for every full batch: one launch per step instead of hundreds, no host work.
+
+    * The first ``WARMUP_STEPS`` steps run eagerly (on a side stream): they are real training steps.
+    * The next full batch is copied into static input buffers and the step captured, then replayed; every
+      later batch of that shape is copied into the same buffers and replayed. The loss (and gradient norm)
+      are cloned out of the graph's static outputs, so a step's value is never overwritten by the next.
+    * A batch of another shape or loss scale (the uneven last batch of an epoch) runs eagerly, outside the
+      graph, on the same parameters, gradients and optimizer state: losses stay exact.
+    * The optimizer keeps its state on the device (``capturable``); its learning rate must be constant
+      (a Python float is baked into the graph), so a workload with an LR schedule is refused.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, *args, graphs=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from parallelnn.errors import UserError
+
+        if self.scheduler is not None:
+            raise UserError("--cuda-graph needs a constant learning rate, but this workload's optimizer has an LR "
+                            "schedule (use --compile instead)")
+        self.graphs = graphs or CudaGraphs(self.device)
+        if self.graphs.capturable:
+            for group in self.optimizer.param_groups:
+                if "capturable" in group:  # Adam, AdamW, ...: step counts kept on the device
+                    group["capturable"] = True
+                elif not isinstance(self.optimizer, torch.optim.SGD):  # SGD keeps no counts: capturable as is
+                    raise UserError(f"--cuda-graph needs an optimizer that can be captured (Adam, AdamW, SGD...): "
+                                    f"{type(self.optimizer).__name__} cannot")
+        self._eager_steps = 0
+        self._replay: Callable[[], None] | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.describe["cuda_graph"] = True
+
+    def autocast(self):
+        # Autocast's cache of cast weights must not outlive a capture (torch.cuda.graphs' own advice).
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, scale: float, set_to_none: bool):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        with self.autocast():
+            out = self.module(x)
+        loss = self.loss_fn(out, y)
+        self._backward(loss * scale)
+        return loss.detach(), self._step_optimizer()
+
+    def _fits(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> bool:
+        sx, sy, sscale = self._static
+        return x.shape == sx.shape and y.shape == sy.shape and scale == sscale
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._replay is not None and self._fits(x, y, scale):
+            sx, sy, _ = self._static
+            sx.copy_(x)
+            sy.copy_(y)
+            self._replay()
+            return self._cloned()
+        if self._replay is None and self._eager_steps >= self.WARMUP_STEPS:
+            self._static = (x.clone(), y.clone(), scale)
+            # Gradients allocated inside the capture: later replays write (not add) them in place.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._replay, self._outputs = self.graphs.capture(
+                lambda: self._step(self._static[0], self._static[1], scale, set_to_none=False))
+            self._replay()
+            return self._cloned()
+        # Warm-up, or a batch the graph does not fit: eagerly, into the same gradient tensors once captured.
+        with self.graphs.side_stream() if self._replay is None else contextlib.nullcontext():
+            loss, norm = self._step(x, y, scale, set_to_none=self._replay is None)
+        self._eager_steps += 1
+        return loss, norm
+
+    def _cloned(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss, norm = self._outputs
+        return loss.clone(), (norm.clone() if norm is not None else None)

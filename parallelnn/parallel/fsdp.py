@@ -14,27 +14,39 @@ import torch
 
 from parallelnn.launch import make_mesh
 from parallelnn.parallel import CostModel, Layout, Strategy, data_parallel
-from parallelnn.parallel.engine import Engine, contiguous_layout
+from parallelnn.parallel.engine import Engine, blocks_of, contiguous_layout
 
 
-def blocks_of(model, workload) -> list[torch.nn.Module]:
-    """The modules sharded one by one before the root: the workload's ``blocks``; else its pipeline ``layers``
-    that hold parameters; else the entries of the model's largest ``nn.ModuleList`` (a transformer's
-    layers); else none (the root alone is one shard group)."""
-    if workload.blocks is not None:
-        return list(workload.blocks(model))
-    if workload.layers is not None:
-        return [m for m in workload.layers(model) if any(True for _ in m.parameters())]
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    return list(max(lists, key=len)) if lists else []
+def policies(cfg) -> tuple | None:
+    """FSDP2's mixed precision for ``--precision bf16``, as FSDP users expect it (no autocast): parameters
+    all-gathered and computed in bf16, gradients reduced in ``--reduce-precision`` (fp32 by default) into
+    fp32 shards, the optimizer stepping fp32 master weights. (blocks' policy, the root's policy): the root
+    also returns fp32 outputs, so the loss is computed in fp32 as under autocast. None for other precisions
+    (fp16 keeps autocast and its loss scaler)."""
+    if cfg.precision != "bf16":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    reduce = torch.float32 if cfg.reduce_precision == "fp32" else torch.bfloat16
+    return (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce),
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce, output_dtype=torch.float32))
 
 
-def shard(model, workload, mesh, reshard_after_forward: bool):
-    from torch.distributed.fsdp import fully_shard
+def describe_policy(cfg) -> dict:
+    if cfg.precision != "bf16":
+        return {}
+    return {"mixed_precision": {"param_dtype": "bf16", "reduce_dtype": cfg.reduce_precision, "output_dtype": "fp32",
+                                "by": "FSDP2 MixedPrecisionPolicy"}}
 
+
+def shard(model, workload, mesh, reshard_after_forward: bool, mp: tuple | None = None):
+    """``fully_shard`` each block, then the root; ``mp``: (blocks' policy, root's policy) from :func:`policies`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    block_mp, root_mp = mp or (MixedPrecisionPolicy(), MixedPrecisionPolicy())
     for block in blocks_of(model, workload):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=block_mp)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=root_mp)
 
 
 def no_sync_of(module):
@@ -53,11 +65,14 @@ def no_sync_of(module):
 
 def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine:
     mesh = make_mesh((layout.dp,), ("dp",), ctx.device)
-    model = shard(contiguous_layout(model).to(ctx.device), workload, mesh, cfg.reshard_after_forward)
+    blocks = blocks_of(model, workload)
+    mp = policies(cfg)
+    model = shard(contiguous_layout(model).to(ctx.device), workload, mesh, cfg.reshard_after_forward, mp)
+    # --compile: each block on its own (torchtitan's way), so FSDP's hooks between blocks stay outside graphs.
     return Engine(model, workload, cfg, ctx.device, total_steps, dp_rank=mesh.get_local_rank(), dp_size=layout.dp,
-                  no_sync=no_sync_of(model),
+                  no_sync=no_sync_of(model), autocast=mp is None, compile_modules=blocks or None,
                   describe={"mesh": layout.mesh(), "reshard_after_forward": cfg.reshard_after_forward,
-                            "sharded_blocks": len(blocks_of(model, workload))})
+                            "sharded_blocks": len(blocks), **describe_policy(cfg)})
 
 
 def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_fraction: float = 1.0,
@@ -92,5 +107,6 @@ def cost(inp):
 
 
 STRATEGY = Strategy(name="fsdp", summary="FSDP2 fully_shard (ZeRO-3): parameters, gradients, optimizer sharded",
-                    layout=data_parallel, apply=apply, options=("reshard_after_forward",), order=20,
+                    layout=data_parallel, apply=apply, order=20,
+                    options=("reshard_after_forward", "reduce_precision", "compile"),
                     cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost))

@@ -32,6 +32,8 @@ def run_options(layout: Layout) -> dict:
 
 
 def check(cfg, workload, layout: Layout) -> None:
+    if layout.pp > 1 and cfg.reduce_precision != "fp32":
+        raise UserError("--reduce-precision applies to --hybrid tensor (pipeline stages run under autocast)")
     (pipeline.check if layout.pp > 1 else tensor.check)(cfg, workload, layout)
 
 
@@ -45,10 +47,12 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
     dp_mesh = mesh["dp"]
     model = contiguous_layout(model).to(ctx.device)
     described = tensor.plan_of(workload).apply(model, mesh["tp"])
-    model = fsdp.shard(model, workload, dp_mesh, cfg.reshard_after_forward)
+    mp = fsdp.policies(cfg)
+    model = fsdp.shard(model, workload, dp_mesh, cfg.reshard_after_forward, mp)
     return Engine(model, workload, cfg, ctx.device, total_steps, dp_rank=dp_mesh.get_local_rank(),
                   dp_size=layout.dp, counts_outputs=mesh["tp"].get_local_rank() == 0,
-                  no_sync=fsdp.no_sync_of(model), describe={"mesh": layout.mesh(), **described})
+                  no_sync=fsdp.no_sync_of(model), autocast=mp is None,
+                  describe={"mesh": layout.mesh(), **described, **fsdp.describe_policy(cfg)})
 
 
 def cost(inp):
@@ -86,6 +90,6 @@ def cost_candidates(world_size: int, global_batch: int):
 
 STRATEGY = Strategy(name="hybrid", summary="a 2-D mesh: tensor (or pipeline) parallel inside, FSDP across",
                     layout=layout, apply=apply, check=check, min_nproc=2,
-                    options=("mesh", "hybrid", "reshard_after_forward", "schedule", "microbatches", "split"),
+                    options=("mesh", "hybrid", "reshard_after_forward", "schedule", "microbatches", "split", "reduce_precision"),
                     order=50, run_options=run_options, bench_args=lambda n: ["--mesh", f"{n // 2}x2"] if n >= 4 and n % 2 == 0 else None,
                     cost=CostModel(candidates=cost_candidates, step=cost))
