@@ -13,7 +13,6 @@ import time
 
 from parallelnn import __version__
 from parallelnn.config import QUIET_CPP_ENV, T0_ENV, suggest
-from parallelnn.options import add_run_options, config_from_args
 from parallelnn.errors import EXIT_USER_ERROR, UserError, report_user_error
 
 
@@ -53,6 +52,8 @@ def _long_options(parser: argparse.ArgumentParser) -> list[str]:
 
 def build_parser(workload: str | None = None) -> Parser:
     """The command's parser; ``workload``: ``run WORKLOAD --help`` shows that workload's options only."""
+    # Imported here, not at the top: it imports torch, and main() quiets torch's C++ log before torch loads.
+    from parallelnn.options import add_run_options
     parser = Parser(prog="parallelnn", description="Train under interchangeable parallel strategies and "
                                                    "measure which one pays off.")
     parser.add_argument("--version", action="version", version=f"parallelnn {__version__}")
@@ -72,6 +73,7 @@ def build_parser(workload: str | None = None) -> Parser:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    from parallelnn.options import config_from_args
     from parallelnn.runner import check, run_command
 
     cfg = config_from_args(ns)

@@ -233,7 +233,7 @@ def test_activation_checkpointing_gpt2_blocks_same_gradients_less_memory():
     from parallelnn.measure import TensorBytes
     from parallelnn.parallel.engine import checkpoint_blocks
     from parallelnn.workloads.gpt2 import CausalLM, transformer_blocks
-    from parallelnn.workloads.tasks import lm_loss
+    from parallelnn.tasks import lm_loss
 
     def build():
         torch.manual_seed(0)
