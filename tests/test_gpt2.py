@@ -76,7 +76,6 @@ def test_saved_directory_loads_with_plain_transformers_and_reproduces_the_eval_l
 def test_fused_gelu_trains_the_same_model_as_gpt2s_own():
     import copy
 
-    from parallelnn.tasks import lm_loss
     from parallelnn.workloads import gpt2
 
     reference = gpt2.scratch_model(512, 0, seed=0)
