@@ -28,7 +28,11 @@ KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
 
 def step_seconds(workload, cfg, threads: int, batch: int, steps: int = 9, warmup: int = 3) -> float:
-    """Median seconds of a whole training step of ``batch`` samples with ``threads`` threads, one process."""
+    """Median seconds of a whole training step of ``batch`` samples with ``threads`` threads, one process
+    (with glibc's malloc kept from returning activation buffers to the kernel, as training processes do)."""
+    from parallelnn.launch import keep_freed_memory
+
+    keep_freed_memory()
     model = copy.deepcopy(workload.model)
     engine = Engine(model, workload, cfg, torch.device("cpu"), total_steps=steps + warmup)
     sample = workload.train.head(min(batch, len(workload.train)))

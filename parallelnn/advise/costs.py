@@ -64,19 +64,19 @@ def all_reduce(hw: Hardware, group: Group, nbytes: float) -> float:
     if group.size <= 1 or nbytes <= 0:
         return 0.0
     if group.nodes == 1:
-        return _ring(2, group.size, nbytes, hw.intra)
+        return _ring(2, group.size, nbytes, hw.link("all_reduce"))
     if group.per_node == 1:
         return _ring(2, group.size, nbytes, hw.inter)
     k = group.per_node
     return 2 * _ring(1, k, nbytes, hw.intra) + _ring(2, group.nodes, nbytes / k, hw.inter)
 
 
-def all_gather(hw: Hardware, group: Group, nbytes: float) -> float:
+def all_gather(hw: Hardware, group: Group, nbytes: float, kind: str = "all_gather") -> float:
     """Seconds to all-gather a tensor of ``nbytes`` in all (each rank contributes nbytes / size)."""
     if group.size <= 1 or nbytes <= 0:
         return 0.0
     if group.nodes == 1:
-        return _ring(1, group.size, nbytes, hw.intra)
+        return _ring(1, group.size, nbytes, hw.link(kind))
     if group.per_node == 1:
         return _ring(1, group.size, nbytes, hw.inter)
     k = group.per_node  # across nodes among same-local-rank peers (1/k of the whole), then within the node
@@ -86,7 +86,7 @@ def all_gather(hw: Hardware, group: Group, nbytes: float) -> float:
 def reduce_scatter(hw: Hardware, group: Group, nbytes: float) -> float:
     """Seconds to reduce-scatter ``nbytes`` (the full size; each rank ends with nbytes / size): the mirror
     image of :func:`all_gather`, same cost."""
-    return all_gather(hw, group, nbytes)
+    return all_gather(hw, group, nbytes, "reduce_scatter")
 
 
 def send_recv(hw: Hardware, nbytes: float, same_node: bool) -> float:
@@ -94,7 +94,8 @@ def send_recv(hw: Hardware, nbytes: float, same_node: bool) -> float:
     if nbytes <= 0:
         return 0.0
     if same_node:
-        return nbytes / hw.intra.bandwidth + hw.intra.latency
+        link = hw.link("send_recv")
+        return nbytes / link.bandwidth + link.latency
     return nbytes / hw.lone_inter_bandwidth() + hw.inter.latency
 
 

@@ -55,6 +55,13 @@ class Hardware:
     #: Share of the compute a collective started during backward (DDP buckets, FSDP prefetch) can hide
     #: behind: 1 on GPUs (NCCL runs on its own streams); on CPUs gloo's threads take the cores that compute.
     comm_overlap: float = 1.0
+    #: Within a node, a link fitted per collective kind ("all_reduce", "all_gather", "reduce_scatter",
+    #: "send_recv") where they differ (measured on this machine: gloo's kinds are not equally fast); else intra.
+    kind_links: dict[str, Link] | None = None
+
+    def link(self, kind: str) -> Link:
+        """The within-node link of a collective ``kind``."""
+        return (self.kind_links or {}).get(kind, self.intra)
 
     @property
     def nodes(self) -> int:

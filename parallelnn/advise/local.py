@@ -38,13 +38,16 @@ def pass_batch(candidate: Candidate, global_batch: int) -> int:
     return max(1, per_rank // candidate.microbatches) if candidate.microbatches else per_rank
 
 
-def link_for(nproc: int, fitted: dict[str, Any] | None) -> Link:
+def link_for(nproc: int, fitted: dict[str, Any] | None, kind: str = "all_reduce") -> Link:
+    """The link that makes the cost model's ring formula for ``kind`` reproduce the time fitted at ``nproc``
+    ranks: an all-reduce moves 2(n-1)/n of the bytes and pays 2(n-1) latencies, an all-gather or
+    reduce-scatter (n-1)/n and n-1, a send/recv all of them and one."""
     if nproc < 2 or not fitted:
         return Link(bandwidth=1e12, latency=0.0)
-    ar = fitted["all_reduce"]
-    # A ring of n moves 2(n-1)/n of the bytes and pays 2(n-1) latencies; fitted at n ranks.
-    factor = 2 * (nproc - 1) / nproc
-    return Link(bandwidth=ar["bandwidth"] * factor, latency=ar["latency"] / (2 * (nproc - 1)))
+    f = fitted[kind]
+    moved, hops = {"all_reduce": (2 * (nproc - 1) / nproc, 2 * (nproc - 1)), "send_recv": (1.0, 1)}.get(
+        kind, ((nproc - 1) / nproc, nproc - 1))
+    return Link(bandwidth=f["bandwidth"] * moved, latency=f["latency"] / hops)
 
 
 class Machine:
@@ -91,12 +94,14 @@ class Machine:
         key = (n, pass_batch(candidate, global_batch))
         if key not in self.rates:
             self.calibrate([candidate], global_batch)
-        link = link_for(n, self.links.get(n))
+        fitted = self.links.get(n)
+        link = link_for(n, fitted)
+        kinds = {k: link_for(n, fitted, k) for k in calibrate.KINDS} if fitted else None
         rate = self.rates[key]
         return Hardware(name=f"this machine ({cores()} cores, {n} process{'es' if n > 1 else ''})",
                         device_type="cpu", peak_flops={"fp32": rate, "bf16": rate, "fp16": rate},
                         memory_bytes=ram_bytes() // n, devices_per_node=n, intra=link, inter=link,
-                        matmul_efficiency=1.0, max_devices=n, comm_overlap=0.0,
+                        matmul_efficiency=1.0, max_devices=n, comm_overlap=0.0, kind_links=kinds,
                         notes=f"measured here: {threads_for(n)} threads per rank; gloo over loopback")
 
     def predict(self, candidate: Candidate, global_batch: int, dtype: str = "fp32") -> Prediction:
