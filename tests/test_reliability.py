@@ -429,7 +429,8 @@ def test_a_stop_at_a_checkpoint_step_saves_it_once(tmp_path, capsys):
 
 
 def test_an_out_starting_with_a_dash_reaches_the_ranks_as_one_argument():
-    from parallelnn.cli import build_parser, config_from_args
+    from parallelnn.cli import build_parser
+    from parallelnn.options import config_from_args
     from parallelnn.config import RunConfig, config_to_argv
 
     argv = config_to_argv(RunConfig(workload="iris", out="-x", strategy="ddp", nproc=2))
