@@ -232,12 +232,12 @@ def _first_batch(model: nn.Module, loss: Callable, metrics: Metrics | Callable, 
         with torch.no_grad():
             out = model(x)
     except Exception as err:  # noqa: BLE001 - whatever the user's forward raises is reported, not a traceback
-        raise UserError(f"the model's forward failed on a batch of inputs shaped [{shape}]: {_first_line(err)}") from None
+        raise UserError(f"the model's forward failed on a batch of inputs shaped [{shape}]: {first_line(err)}") from None
     try:
         value = loss(out, y)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"the loss failed on the model's outputs shaped [{'x'.join(map(str, out.shape))}] and "
-                        f"targets shaped [{'x'.join(map(str, y.shape))}]: {_first_line(err)}") from None
+                        f"targets shaped [{'x'.join(map(str, y.shape))}]: {first_line(err)}") from None
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise UserError(f"the loss must return one number (the sum over the batch), got {shape}")
@@ -245,14 +245,15 @@ def _first_batch(model: nn.Module, loss: Callable, metrics: Metrics | Callable, 
         try:
             found = metrics(out, y)
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"Workload.metrics failed on the first batch: {_first_line(err)}") from None
+            raise UserError(f"Workload.metrics failed on the first batch: {first_line(err)}") from None
         if not isinstance(found, dict) or not found:
             raise UserError("Workload.metrics must return a dict {name: sum over the batch}")
         return tuple(found)
     return ()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (a user's error, reported)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 

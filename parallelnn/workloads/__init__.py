@@ -22,7 +22,7 @@ from torch import nn
 
 from parallelnn.data.loaders import ArraySplit
 from parallelnn.errors import UserError
-from parallelnn.workload import Metrics, TensorPlan, Workload, adam, complete, sequential_layers  # noqa: F401
+from parallelnn.workload import Metrics, TensorPlan, Workload, adam, complete, first_line, sequential_layers  # noqa: F401
 from parallelnn.tasks import ACCURACY, classification_loss
 
 BUILTIN = {
@@ -104,7 +104,7 @@ def _import_file(path: str):
         spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - the user's module failing to import is their error, in one line
         del sys.modules[module_name]
-        raise UserError(f"importing {path} failed: {_first_line(err)}") from None
+        raise UserError(f"importing {path} failed: {first_line(err)}") from None
     return module
 
 
@@ -116,12 +116,7 @@ def _import_module(name: str):
     except ModuleNotFoundError as err:
         raise UserError(f"no module {name} ({err})") from None
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"importing {name} failed: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+        raise UserError(f"importing {name} failed: {first_line(err)}") from None
 
 
 def build(name: str, cfg, device: torch.device, log, fn: Callable[[Any], Workload] | None = None) -> Workload:
@@ -136,7 +131,7 @@ def build(name: str, cfg, device: torch.device, log, fn: Callable[[Any], Workloa
     except Exception as err:  # noqa: BLE001 - a user's build function that raises: its name and first line
         if name in BUILTIN:
             raise
-        raise UserError(f"workload '{name}' raised {_first_line(err)}") from None
+        raise UserError(f"workload '{name}' raised {first_line(err)}") from None
     if not isinstance(made, Workload):
         raise UserError(f"workload '{name}' returned a {type(made).__name__}, not a parallelnn.Workload")
     workload = complete(made, cfg.seed, name)
