@@ -356,7 +356,7 @@ class Trainer:
         t_train = s.epoch_seconds
         s.train_seconds += t_train
         self.step_seconds.append(t_train / max(len(s.epoch_counts), 1))
-        mean_loss = (sum(l * c for l, c in zip(s.epoch_losses, s.epoch_counts)) / max(sum(s.epoch_counts), 1)
+        mean_loss = (sum(v * c for v, c in zip(s.epoch_losses, s.epoch_counts)) / max(sum(s.epoch_counts), 1)
                      if s.epoch_losses else float("nan"))
         s.loss_curve.append(mean_loss)
         paused = self.progress.pause()

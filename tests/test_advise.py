@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 
 import pytest
 import torch
@@ -26,6 +27,42 @@ def test_the_collective_fit_recovers_latency_and_bandwidth():
     assert calibrate.fit(noisy)["bandwidth"] == pytest.approx(bandwidth, rel=0.15)
 
 
+def test_timed_steps_leave_the_warm_up_out():
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.02 if len(calls) <= 3 else 0.001)  # three slow first steps, as a cold model has
+
+    seconds = calibrate.timed_steps(step)
+    assert seconds < 0.01 and len(calls) >= calibrate.WARMUP[0] + calibrate.MEASURE[0]
+    assert len(calls) <= calibrate.MOST_STEPS
+
+
+def test_pipeline_stages_are_timed_on_the_real_layers():
+    """The MNIST CNN's convolutions (layers 0-5) cost far more per sample than its fully connected head."""
+    cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
+    found = calibrate.stage_seconds(workload, cfg, [(0, 6, 16), (6, 12, 16)], threads=1)
+    assert set(found) == {"0-6-16", "6-12-16"}
+    assert found["0-6-16"] > 2 * found["6-12-16"] > 0
+
+
+@pytest.mark.distributed
+def test_fixed_costs_are_measured_on_a_probe_of_the_candidates_layout():
+    """Two processes run each candidate's own strategy on a model of three 16-wide blocks: FSDP's hooks and
+    per-block gathers cost a step far more than DDP's one bucket."""
+    from parallelnn.advise.costs import Candidate
+    from parallelnn.parallel import Layout
+
+    cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
+    group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2))]
+    assert calibrate.probe_units(3, group) == 3
+    measured = calibrate.spawn(2, cfg, [], [], group, 3, timeout=120)
+    assert set(measured["fixed"]) == {"ddp dp2", "fsdp dp2"}
+    assert measured["fixed"]["fsdp dp2"] > measured["fixed"]["ddp dp2"] >= 0
+    assert set(measured["collectives"]) == set(calibrate.KINDS)
+
+
 def test_model_statistics_of_the_mnist_cnn():
     cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
     s = model_stats(workload)
@@ -34,6 +71,7 @@ def test_model_statistics_of_the_mnist_cnn():
     # Saved for backward per sample: conv1 in/out, ReLU, pool (32x28x28 floats and indices), conv2 ... about 0.26 MB.
     assert 0.2e6 < s["activation_bytes_per_sample"] < 0.35e6
     assert s["layers"] == 12 and s["largest_layer_parameters"] == 3136 * 128 + 128
+    assert s["blocks"] == 5  # the layers with parameters: what FSDP shards one by one
     assert s["boundary_bytes_per_sample"] == 32 * 28 * 28 * 4  # the widest layer output
     assert s["tp_sharded_fraction"] > 0.9 and s["tp_sharded_flops_fraction"] < 0.15  # FC: most weights, few FLOPs
 

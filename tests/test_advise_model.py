@@ -319,3 +319,54 @@ def test_a_1_5b_gpt_on_the_meta_device_predicted_for_32_gpus():
     feasible = [r for r in table.rows if r["feasible"]]
     assert feasible and all(r["memory_bytes_per_rank"] <= 32e9 for r in feasible)
     assert any(r["strategy"] == "ddp" and "needs" in r["reason"] for r in table.rows)  # 25 GB of state + activations
+
+
+# -- what this machine's calibration adds: fixed costs, the optimizer step, timed pipeline stages -----------
+
+def test_measured_fixed_cost_and_optimizer_step_add_to_the_step():
+    from dataclasses import replace
+
+    hw = replace(HW, optimizer_seconds_per_parameter=1e-10)
+    plain = predict_step(STATS, HW, Candidate("fsdp", Layout(dp=4)), 8, "bf16")
+    p = predict_step(STATS, hw, Candidate("fsdp", Layout(dp=4)), 8, "bf16", fixed_seconds=0.05)
+    # FSDP over 4 ranks updates a quarter of the 1e9 parameters: 2.5e8 x 1e-10 s = 0.025 s.
+    assert p.optimizer_seconds == pytest.approx(0.025)
+    assert p.fixed_seconds == 0.05
+    assert p.step_seconds == pytest.approx(plain.step_seconds + 0.05 + 0.025)
+    assert p.to_dict()["fixed_seconds"] == 0.05 and p.to_dict()["optimizer_seconds"] == pytest.approx(0.025)
+
+
+def test_fixed_costs_grow_with_what_each_strategy_repeats():
+    """FSDP pays its hooks and collectives per block (and the root), tensor parallelism per all-reduce;
+    the others once a step."""
+    from dataclasses import replace
+
+    s = replace(STATS, blocks=7, tp_allreduce_calls=3)
+    assert parallel.get("fsdp").cost.fixed_units(s) == 8
+    assert parallel.get("tensor").cost.fixed_units(s) == 3
+    assert parallel.get("tensor").cost.fixed_units(replace(s, tp_allreduce_calls=0)) == 2 * s.layers
+    assert parallel.get("ddp").cost.fixed_units is None and parallel.get("pipeline").cost.fixed_units is None
+
+
+def test_pipeline_ranks_name_their_stages():
+    from dataclasses import replace
+
+    from parallelnn.parallel.pipeline import stage_shares
+
+    s = replace(STATS, layers=4, layer_flops=[1.0, 3.0, 1.0, 1.0], layer_parameters=[1, 1, 1, 1],
+                layer_activation_bytes_per_sample=[1.0] * 4)
+    ranks = stage_shares(s, 2, 1)
+    assert [r["stages"] for r in ranks] == [[(0, 2)], [(2, 4)]]
+    assert [r["flops"] for r in ranks] == [pytest.approx(4 / 6), pytest.approx(2 / 6)]
+    interleaved = stage_shares(s, 2, 2)  # four one-layer stages: rank 0 holds the 1st and 3rd
+    assert [r["stages"] for r in interleaved] == [[(0, 1), (2, 3)], [(1, 2), (3, 4)]]
+
+
+def test_an_unbalanced_pipeline_idles_for_the_light_stages_only():
+    from parallelnn.parallel.pipeline import bubble
+
+    # Equal stages: the textbook (p-1)/(v*m) of the compute.
+    assert bubble(1.0, 4, 1, [0.25] * 4) == pytest.approx(3 / 4)
+    assert bubble(1.0, 4, 2, [0.25] * 4) == pytest.approx(3 / 8)
+    # A convolution stage with 90% of the work and a light head: the head's one microbatch, not 1/m.
+    assert bubble(0.9, 2, 1, [0.9, 0.1]) == pytest.approx(0.9 / 2 * 0.1 / 0.9)

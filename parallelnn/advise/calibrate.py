@@ -6,6 +6,11 @@
 * Communication: all-reduce, all-gather, reduce-scatter and send/recv of 4 KiB..8 MiB between N real
   processes on this backend, each fitted to ``seconds = latency + bytes / bandwidth`` (least squares), and
   cached per machine in ``$PARALLELNN_CACHE/collectives.json``.
+* Fixed costs per step (:func:`probe_seconds`): what a strategy costs a step *besides* computing and moving
+  bytes — its framework's hooks, the latency of every collective call in the pattern the strategy really
+  issues them (a ring's ranks arriving as their compute ends, not after a barrier), a pipeline schedule's
+  per-microbatch work — measured by running the candidate's own strategy, layout and schedule on a *probe*:
+  a model with the real one's number of blocks and next to nothing to compute or send.
 """
 
 from __future__ import annotations
@@ -27,28 +32,87 @@ SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
 
-def step_seconds(workload, cfg, threads: int, batch: int, steps: int = 9, warmup: int = 3) -> float:
-    """Median seconds of a whole training step of ``batch`` samples with ``threads`` threads, one process
-    (with glibc's malloc kept from returning activation buffers to the kernel, as training processes do)."""
+# Warm-up and measurement, in steps and seconds: a model's first steps pay for allocation and kernel choice,
+# and the caches and clocks of a CPU settle over a fraction of a second (three warm-up steps of the MNIST CNN
+# measured 10-20% slower than its steady state here).
+WARMUP = (5, 0.4)
+MEASURE = (9, 0.4)
+MOST_STEPS = 60
+
+
+def timed_steps(step) -> float:
+    """Median seconds of ``step()`` once warm: at least WARMUP steps and seconds of warm-up, then at least
+    MEASURE steps and seconds measured (never more than MOST_STEPS in all)."""
+    start = time.perf_counter()
+    done = 0
+    while done < WARMUP[0] or (done < MOST_STEPS // 2 and time.perf_counter() - start < WARMUP[1]):
+        step()
+        done += 1
+    times: list[float] = []
+    while len(times) < MEASURE[0] or (done < MOST_STEPS and sum(times) < MEASURE[1]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        done += 1
+    return statistics.median(times)
+
+
+def step_seconds(workload, cfg, threads: int, batch: int) -> tuple[float, float]:
+    """(forward + backward, optimizer) median seconds of a training step of ``batch`` samples with ``threads``
+    threads, one process (with glibc's malloc kept from returning activation buffers to the kernel, as
+    training processes do). Apart, because a pipeline runs the first per microbatch and the second once a
+    step, and a sharded rank updates only its share of the parameters."""
     from parallelnn.launch import keep_freed_memory
 
     keep_freed_memory()
     model = copy.deepcopy(workload.model)
-    engine = Engine(model, workload, cfg, torch.device("cpu"), total_steps=steps + warmup)
+    engine = Engine(model, workload, cfg, torch.device("cpu"), total_steps=4 * MOST_STEPS)
     sample = workload.train.head(min(batch, len(workload.train)))
     x, y = sample.prepare(sample.inputs), sample.targets
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        times = []
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            engine.train_step(x, y, 1.0 / len(x))
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        whole = timed_steps(lambda: engine.train_step(x, y, 1.0 / len(x)))
+        update = timed_steps(engine._step_optimizer)  # the gradients of the last step, applied again
     finally:
         torch.set_num_threads(before)
-    return statistics.median(times)
+    return max(whole - update, whole / 100), update
+
+
+def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: int) -> dict[str, float]:
+    """Forward + backward seconds of pipeline stages, each (first layer, end layer, microbatch) of the model's
+    pipeline layers, median once warm (the last stage's loss included): what a pipeline rank computes per
+    microbatch. Keyed ``"a-b-batch"``."""
+    from parallelnn.launch import keep_freed_memory
+
+    keep_freed_memory()
+    model = copy.deepcopy(workload.model)
+    layers = workload.layers(model)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    found = {}
+    try:
+        for a, b, batch in stages:
+            sample = workload.train.head(min(batch, len(workload.train)))
+            x, y = sample.prepare(sample.inputs), sample.targets
+            with torch.no_grad():
+                for layer in layers[:a]:
+                    x = layer(x)
+            x = x.detach().requires_grad_() if x.is_floating_point() else x
+
+            def step(x=x, y=y, stage=layers[a:b], last=b == len(layers)):
+                out = x
+                for layer in stage:
+                    out = layer(out)
+                if last:
+                    workload.loss(out, y).backward()
+                else:
+                    out.backward(torch.ones_like(out))
+
+            found[f"{a}-{b}-{batch}"] = timed_steps(step)
+    finally:
+        torch.set_num_threads(before)
+    return found
 
 
 def _cache() -> Path:
@@ -83,8 +147,9 @@ def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]
     return results
 
 
-def _time_steps(cfg, batches: list[int]) -> dict[int, float]:
-    """Median step seconds of the real model at each batch, while every rank does the same (contention)."""
+def _time_steps(cfg, batches: list[int], stages: list[tuple[int, int, int]]) -> dict[str, dict]:
+    """:func:`step_seconds` of the real model at each batch and :func:`stage_seconds` of each pipeline stage,
+    while every rank does the same (contention)."""
     import torch.distributed as dist
 
     from parallelnn import workloads
@@ -94,12 +159,93 @@ def _time_steps(cfg, batches: list[int]) -> dict[int, float]:
     for batch in batches:
         dist.barrier()
         seconds[batch] = step_seconds(workload, cfg, torch.get_num_threads(), batch)
-    return seconds
+    dist.barrier()
+    return {"steps": seconds, "stages": stage_seconds(workload, cfg, stages, torch.get_num_threads()) if stages else {}}
 
 
-def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int]) -> None:
+# -- fixed costs per step, measured on a probe ------------------------------------------------------------
+
+PROBE_WIDTH = 16
+PROBE_WARMUP, PROBE_STEPS = 5, 12  # fixed counts: every rank must issue the same collectives
+
+
+def probe_workload(units: int, cfg):
+    """A model with ``units`` blocks (Linear layers of width 16, ReLU between) and nothing else to speak of:
+    what a strategy costs on it is what it costs besides FLOPs and bytes."""
+    from torch import nn
+
+    from parallelnn.workload import Workload, complete
+
+    layers: list[nn.Module] = []
+    for _ in range(units):
+        layers += [nn.Linear(PROBE_WIDTH, PROBE_WIDTH), nn.ReLU()]
+    g = torch.Generator().manual_seed(0)
+    n = max(cfg.batch_size, 2)
+    x, y = torch.randn(n, PROBE_WIDTH, generator=g), torch.randint(0, PROBE_WIDTH, (n,), generator=g)
+    return complete(Workload(model=nn.Sequential(*layers[:-1]), train=(x, y), test=(x[:2], y[:2])), cfg.seed, "probe")
+
+
+def probe_units(blocks: int, candidates) -> int:
+    """Blocks of the probe: the real model's, and enough for every candidate's pipeline stages."""
+    from parallelnn.parallel.pipeline import VIRTUAL
+
+    stages = [c.layout.pp * VIRTUAL.get(c.schedule, 1) for c in candidates]
+    return max([2, blocks, *stages])
+
+
+def _probe_one(cfg, candidate, units: int, rank: int, world: int) -> float | None:
+    """Median step seconds of ``candidate``'s strategy on the probe, less the probe's plain step; None when
+    the strategy refuses the probe (every rank decides the same, so none waits for another)."""
+    from dataclasses import replace
+
+    from parallelnn import parallel
+    from parallelnn.advise.trials import run_options
+    from parallelnn.errors import UserError
+    from parallelnn.launch import Context
+    from parallelnn.trainer import StopFlag
+
+    ccfg = replace(cfg, **run_options(candidate))
+    workload = probe_workload(units, ccfg)
+    try:
+        strategy, layout = parallel.resolve(ccfg, world)
+        strategy.check(ccfg, workload, layout)
+    except UserError:
+        return None
+    ctx = Context(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, local_world_size=world,
+                  distributed=True)
+    plain = Engine(copy.deepcopy(workload.model), workload, ccfg, ctx.device, total_steps=MOST_STEPS)
+    engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + PROBE_STEPS)
+    per_rank = ccfg.batch_size // layout.dp
+    x = workload.train.inputs[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
+    y = workload.train.targets[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
+    stop = StopFlag(ctx)  # the trainer agrees on stop requests every step: part of a step's fixed cost
+    times = []
+    for i in range(PROBE_WARMUP + PROBE_STEPS):
+        t0 = time.perf_counter()
+        engine.train_step(x, y, engine.dp_size / ccfg.batch_size)
+        stop.agreed()
+        times.append(time.perf_counter() - t0)
+    stop.drain()
+    alone = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
+    return max(0.0, statistics.median(times[PROBE_WARMUP:]) - alone)
+
+
+def _probe(cfg, candidates, units: int, rank: int, world: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    found = {}
+    for c in candidates:
+        dist.barrier()
+        seconds = _probe_one(cfg, c, units, rank, world)
+        if seconds is not None:
+            found[c.label()] = seconds
+    return found
+
+
+def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int], stages, candidates,
+            units: int) -> None:
     """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
-    model's steps timed while the others step too, then the collectives."""
+    model's steps timed while the others step too, the collectives, then the candidates' fixed costs."""
     import torch.distributed as dist
 
     from parallelnn.launch import keep_freed_memory
@@ -107,10 +253,11 @@ def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     keep_freed_memory()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    steps = _time_steps(cfg, batches) if cfg is not None else {}
+    steps = _time_steps(cfg, batches, stages) if cfg is not None and batches else {"steps": {}, "stages": {}}
     results = _time_collectives(rank, world)
+    fixed = _probe(cfg, candidates, units, rank, world) if cfg is not None and candidates else {}
     if rank == 0:
-        Path(out).write_text(json.dumps({"collectives": results, "steps": steps}))
+        Path(out).write_text(json.dumps({"collectives": results, **steps, "fixed": fixed}))
     dist.destroy_process_group()
 
 
@@ -127,8 +274,10 @@ def fit(points: list[tuple[int, float]]) -> dict[str, float]:
     return {"latency": max(my - slope * mx, 0.0), "bandwidth": 1.0 / slope}
 
 
-def spawn(world: int, cfg=None, batches: list[int] = ()) -> dict[str, Any]:
-    """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements."""
+def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(), units: int = 2,
+          timeout: float = 300.0) -> dict[str, Any]:
+    """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements. Processes still running
+    after ``timeout`` seconds are ended (RuntimeError)."""
     import socket
     import tempfile
 
@@ -139,7 +288,14 @@ def spawn(world: int, cfg=None, batches: list[int] = ()) -> dict[str, Any]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        mp.start_processes(_worker, args=(world, port, out, cfg, list(batches)), nprocs=world, start_method="spawn")
+        args = (world, port, out, cfg, list(batches), list(stages), list(candidates), units)
+        context = mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn", join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise RuntimeError(f"calibrating {world} processes took over {timeout:.0f} s")
         return json.loads(Path(out).read_text())
 
 

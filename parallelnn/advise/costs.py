@@ -131,6 +131,8 @@ class ModelStats:
     tp_sharded_activation_fraction: float | None = None
     #: Saved bytes that do not grow with the batch (e.g. the loss's own), once per step.
     activation_fixed_bytes: float = 0.0
+    #: Modules FSDP shards one by one before the root (``parallel.engine.blocks_of``).
+    blocks: int = 0
     #: Per pipeline layer (when known): forward FLOPs on a sample batch (what the pipeline balances), parameters
     #: and saved activation bytes per sample. The pipeline cost then splits the stages as the strategy does.
     layer_flops: list[float] | None = None
@@ -352,6 +354,10 @@ class Prediction:
     feasible: bool
     reason: str
     assumptions: list[str]
+    #: Per-step costs besides compute and bytes (hooks, collective calls' latency, schedule), measured on a probe.
+    fixed_seconds: float = 0.0
+    #: The optimizer step over the parameters a rank holds, once a step (when the hardware says its rate).
+    optimizer_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate
@@ -360,8 +366,9 @@ class Prediction:
                 "activation_checkpointing": c.activation_checkpointing, "label": c.label(),
                 **{k: getattr(self, k) for k in ("step_seconds", "samples_per_second", "memory_bytes_per_rank",
                                                   "memory_breakdown", "compute_seconds", "comm_seconds",
-                                                  "exposed_comm_seconds", "bubble_seconds", "feasible", "reason",
-                                                  "assumptions")}}
+                                                  "exposed_comm_seconds", "bubble_seconds", "fixed_seconds",
+                                                  "optimizer_seconds", "feasible",
+                                                  "reason", "assumptions")}}
 
 
 def gb(nbytes: float) -> str:
@@ -380,8 +387,11 @@ def _batch_problem(inp: CostInputs) -> str | None:
 
 
 def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_batch: int, dtype: str = "bf16",
-                 optimizer_state_bytes_per_param: float = 8, nodes: int | None = None) -> Prediction:
-    """One training step of ``candidate`` on ``hw``: time, memory per rank, and whether it can run."""
+                 optimizer_state_bytes_per_param: float = 8, nodes: int | None = None,
+                 fixed_seconds: float = 0.0) -> Prediction:
+    """One training step of ``candidate`` on ``hw``: time, memory per rank, and whether it can run.
+    ``fixed_seconds``: what the step costs besides compute and bytes, when measured (then ``hw``'s links
+    carry no latency: the measurement holds it)."""
     from parallelnn import parallel
 
     strategy = parallel.get(candidate.strategy)
@@ -399,10 +409,11 @@ def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_b
     total = sum(memory.values())
     if problem is None and total > hw.memory_bytes:
         problem = f"needs {gb(total)} per {'GPU' if hw.device_type == 'cuda' else 'device'}, has {gb(hw.memory_bytes)}"
-    step = cost.step_seconds
+    update = memory["parameters"] / inp.stats.bytes_per_parameter * hw.optimizer_seconds_per_parameter
+    step = cost.step_seconds + fixed_seconds + update
     return Prediction(candidate=candidate, step_seconds=step,
                       samples_per_second=global_batch / step if step > 0 else 0.0,
                       memory_bytes_per_rank=total, memory_breakdown=memory, compute_seconds=cost.compute_seconds,
                       comm_seconds=cost.comm_seconds, exposed_comm_seconds=cost.exposed_comm_seconds,
                       bubble_seconds=cost.bubble_seconds, feasible=problem is None, reason=problem or "",
-                      assumptions=list(cost.assumptions))
+                      assumptions=list(cost.assumptions), fixed_seconds=fixed_seconds, optimizer_seconds=update)

@@ -58,6 +58,9 @@ class Hardware:
     #: Within a node, a link fitted per collective kind ("all_reduce", "all_gather", "reduce_scatter",
     #: "send_recv") where they differ (measured on this machine: gloo's kinds are not equally fast); else intra.
     kind_links: dict[str, Link] | None = None
+    #: Seconds of an optimizer step (and the gradient norm) per parameter a rank updates, when measured (this
+    #: machine); 0 on presets, where the update is a few percent of a step (memory-bound, not modelled).
+    optimizer_seconds_per_parameter: float = 0.0
 
     def link(self, kind: str) -> Link:
         """The within-node link of a collective ``kind``."""

@@ -10,6 +10,7 @@ collectives do not hide behind compute (gloo's threads need the same cores), so 
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import replace
 from typing import Any
 
@@ -38,16 +39,17 @@ def pass_batch(candidate: Candidate, global_batch: int) -> int:
     return max(1, per_rank // candidate.microbatches) if candidate.microbatches else per_rank
 
 
-def link_for(nproc: int, fitted: dict[str, Any] | None, kind: str = "all_reduce") -> Link:
+def link_for(nproc: int, fitted: dict[str, Any] | None, kind: str = "all_reduce", latency: bool = True) -> Link:
     """The link that makes the cost model's ring formula for ``kind`` reproduce the time fitted at ``nproc``
     ranks: an all-reduce moves 2(n-1)/n of the bytes and pays 2(n-1) latencies, an all-gather or
-    reduce-scatter (n-1)/n and n-1, a send/recv all of them and one."""
+    reduce-scatter (n-1)/n and n-1, a send/recv all of them and one. ``latency=False``: bandwidth only (the
+    calls' latency is in the candidate's measured fixed cost)."""
     if nproc < 2 or not fitted:
         return Link(bandwidth=1e12, latency=0.0)
     f = fitted[kind]
     moved, hops = {"all_reduce": (2 * (nproc - 1) / nproc, 2 * (nproc - 1)), "send_recv": (1.0, 1)}.get(
         kind, ((nproc - 1) / nproc, nproc - 1))
-    return Link(bandwidth=f["bandwidth"] * moved, latency=f["latency"] / hops)
+    return Link(bandwidth=f["bandwidth"] * moved, latency=f["latency"] / hops if latency else 0.0)
 
 
 class Machine:
@@ -61,6 +63,9 @@ class Machine:
         self.workload, self.cfg, self.stats, self.concurrent = workload, cfg, stats, concurrent
         self.rates: dict[tuple[int, int], float] = {}  # (processes, pass batch) -> FLOP/s of one rank
         self.links: dict[int, dict[str, Any]] = {}
+        self.fixed: dict[str, float] = {}  # candidate label -> seconds a step pays besides FLOPs and bytes
+        self.updates: dict[int, list[float]] = {}  # processes -> optimizer seconds per parameter, per measurement
+        self.stage_rates: dict[str, float] = {}  # pipeline candidate label -> FLOP/s of its busiest rank, as timed
 
     def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
@@ -68,23 +73,73 @@ class Machine:
         for c in candidates:
             needed.setdefault(c.layout.world_size, set()).add(pass_batch(c, global_batch))
         for n, batches in sorted(needed.items()):
-            if n > 1 and not self.concurrent:
+            group = [c for c in candidates if c.layout.world_size == n]
+            stages = sorted({job for c in group for job in self._stage_jobs(c, global_batch)})
+            steps: dict[int, tuple[float, float]] = {}
+            staged: dict[str, float] = {}
+            if n > 1 and self.concurrent:
+                by_name = not self.cfg.workload.startswith("python:")  # else: one process at a time, below
+                units = calibrate.probe_units(self.stats.blocks, group)
+                measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
+                                           group, units)
+                self.links[n] = calibrate.fitted(measured["collectives"])
+                calibrate.remember(f"gloo-{n}", self.links[n])
+                self._fixed(group, measured["fixed"], units)
+                steps = {int(b): tuple(v) for b, v in measured["steps"].items()}
+                staged = measured["stages"]
+            elif n > 1:
                 self.links[n] = calibrate.loopback(n)
-                for b in sorted(batches):
-                    self.rates[(n, b)] = self._rate(calibrate.step_seconds(self.workload, self.cfg, threads_for(n), b), b)
-                continue
-            if n == 1:
-                for b in sorted(batches):
-                    self.rates[(1, b)] = self._rate(calibrate.step_seconds(self.workload, self.cfg, cores(), b), b)
-                continue
-            by_name = self.cfg.workload if not self.cfg.workload.startswith("python:") else None
-            measured = calibrate.spawn(n, self.cfg if by_name else None, sorted(batches))
-            self.links[n] = calibrate.fitted(measured["collectives"])
-            calibrate.remember(f"gloo-{n}", self.links[n])
+            threads = cores() if n == 1 else threads_for(n)
             for b in sorted(batches):
-                seconds = measured["steps"].get(str(b)) or calibrate.step_seconds(
-                    self.workload, self.cfg, threads_for(n), b)  # a Python-API workload: one process at a time
-                self.rates[(n, b)] = self._rate(seconds, b)
+                passes, update = steps.get(b) or calibrate.step_seconds(self.workload, self.cfg, threads, b)
+                self.rates[(n, b)] = self._rate(passes, b)
+                self.updates.setdefault(n, []).append(update / max(self.stats.parameters, 1))
+            if stages and not staged:
+                staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
+            for c in group:
+                self._stage_rate(c, global_batch, staged)
+
+    def _pipeline_ranks(self, candidate: Candidate) -> list[dict] | None:
+        from parallelnn.parallel.pipeline import VIRTUAL, stage_shares
+
+        if candidate.layout.pp < 2 or self.workload.layers is None:
+            return None
+        return stage_shares(self.stats, candidate.layout.pp, VIRTUAL.get(candidate.schedule, 1))
+
+    def _stage_jobs(self, candidate: Candidate, global_batch: int) -> list[tuple[int, int, int]]:
+        """(first layer, end layer, microbatch) of every stage of a pipeline candidate, to be timed."""
+        ranks = self._pipeline_ranks(candidate)
+        batch = pass_batch(candidate, global_batch)
+        return [(a, b, batch) for r in ranks or [] for a, b in r["stages"]]
+
+    def _stage_rate(self, candidate: Candidate, global_batch: int, staged: dict[str, float]) -> None:
+        """A pipeline candidate's rate: its busiest rank's stages, as timed, per microbatch, over the FLOP
+        share the cost model gives that rank (stages differ in how fast they compute: a convolution runs
+        nearer the peak than a pooling layer)."""
+        ranks = self._pipeline_ranks(candidate)
+        if not ranks:
+            return
+        batch = pass_batch(candidate, global_batch)
+        times = [sum(staged.get(f"{a}-{b}-{batch}", 0.0) for a, b in r["stages"]) for r in ranks]
+        if min(times) > 0:
+            share = max(r["flops"] for r in ranks)
+            self.stage_rates[candidate.label()] = self.stats.flops_per_sample * batch * share / max(times)
+
+    def _fixed(self, group: list[Candidate], probed: dict[str, float], units: int) -> None:
+        """Each candidate's measured fixed cost, scaled from the probe's block count to the model's where the
+        strategy says how it grows (FSDP: per block; tensor parallel: per all-reduce)."""
+        from parallelnn import parallel
+        from parallelnn.advise.stats import model_stats
+
+        probe = None
+        for c in group:
+            if c.label() not in probed:
+                continue
+            grows = parallel.get(c.strategy).cost.fixed_units
+            if grows is not None and probe is None:
+                probe = ModelStats(**model_stats(calibrate.probe_workload(units, self.cfg)))
+            scale = grows(self.stats) / max(grows(probe), 1e-9) if grows is not None else 1.0
+            self.fixed[c.label()] = probed[c.label()] * scale
 
     def _rate(self, seconds: float, batch: int) -> float:
         return self.stats.flops_per_sample * batch / seconds
@@ -95,18 +150,21 @@ class Machine:
         if key not in self.rates:
             self.calibrate([candidate], global_batch)
         fitted = self.links.get(n)
-        link = link_for(n, fitted)
-        kinds = {k: link_for(n, fitted, k) for k in calibrate.KINDS} if fitted else None
-        rate = self.rates[key]
+        latency = candidate.label() not in self.fixed
+        link = link_for(n, fitted, latency=latency)
+        kinds = {k: link_for(n, fitted, k, latency) for k in calibrate.KINDS} if fitted else None
+        rate = self.stage_rates.get(candidate.label(), self.rates[key])
         return Hardware(name=f"this machine ({cores()} cores, {n} process{'es' if n > 1 else ''})",
                         device_type="cpu", peak_flops={"fp32": rate, "bf16": rate, "fp16": rate},
                         memory_bytes=ram_bytes() // n, devices_per_node=n, intra=link, inter=link,
                         matmul_efficiency=1.0, max_devices=n, comm_overlap=0.0, kind_links=kinds,
+                        optimizer_seconds_per_parameter=statistics.median(self.updates[n]),
                         notes=f"measured here: {threads_for(n)} threads per rank; gloo over loopback")
 
     def predict(self, candidate: Candidate, global_batch: int, dtype: str = "fp32") -> Prediction:
         hw = self.hardware(candidate, global_batch)
-        return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1)
+        return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
+                            fixed_seconds=self.fixed.get(candidate.label(), 0.0))
 
 
 def with_microbatches(candidate: Candidate, microbatches: int | None) -> Candidate:

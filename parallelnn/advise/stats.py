@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from parallelnn import measure
+from parallelnn.parallel.engine import blocks_of
 
 
 def _params(module: nn.Module) -> int:
@@ -84,6 +85,7 @@ def model_stats(workload, batch: int = 8) -> dict[str, Any]:
         "activation_fixed_bytes": max(full - per_sample * n, 0.0),
         "layers": len(layers),
         "largest_layer_parameters": max(_params(m) for m in layers),
+        "blocks": len(blocks_of(model, workload)),
         "boundary_bytes_per_sample": float(max(boundaries[:-1] or boundaries)),
         "tokens_per_sample": workload.tokens_per_sample,
         **tensor_parallel_figures(workload, model, x, y),

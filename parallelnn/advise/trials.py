@@ -22,7 +22,7 @@ from parallelnn.config import RunConfig, config_to_argv
 # Not measured: the first steps pay for allocation, kernel choice and pipeline shape inference, and every run
 # profiles steps 2-4 of a multi-rank job (the record's comm_share) and counts tensors on steps 2-3.
 WARMUP_STEPS = 4
-MEASURED_STEPS = 4
+MEASURED_STEPS = 12
 
 
 def run_options(candidate: Candidate) -> dict[str, Any]:

@@ -68,6 +68,10 @@ class CostModel:
     candidates: Callable[[int, int], list[tuple[Layout, int | None, str | None]]]
     #: ``costs.CostInputs`` -> ``costs.StepCost``: one step's compute, communication, bubble and memory per rank.
     step: Callable[[Any], Any]
+    #: ``costs.ModelStats`` -> how many times a step pays the strategy's fixed costs (hooks, collective calls):
+    #: advise measures those on a probe model and scales them by this count, the real model's over the probe's.
+    #: None: once a step, whatever the model.
+    fixed_units: Callable[[Any], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -109,4 +109,5 @@ def cost(inp):
 STRATEGY = Strategy(name="fsdp", summary="FSDP2 fully_shard (ZeRO-3): parameters, gradients, optimizer sharded",
                     layout=data_parallel, apply=apply, order=20,
                     options=("reshard_after_forward", "reduce_precision", "compile"),
-                    cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost))
+                    cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost,
+                                   fixed_units=lambda stats: stats.blocks + 1))  # each block and the root

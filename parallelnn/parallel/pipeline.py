@@ -200,7 +200,7 @@ class PipelineEngine(Engine):
             return torch.zeros((), device=self.device), self._step_optimizer()
         self._scale = scale
         _, losses = self._run(x, y, train=True)
-        total = (torch.stack([l.detach() for l in losses]).sum() / scale if losses
+        total = (torch.stack([loss.detach() for loss in losses]).sum() / scale if losses
                  else torch.zeros((), device=self.device))
         return total, self._step_optimizer()
 
@@ -377,7 +377,8 @@ def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
     for r in range(p):
         layers = [i for k in range(v) for i in range(*bounds[r + k * p])]
         ranks.append({"flops": sum(flops[i] for i in layers) / total, "parameters": sum(params[i] for i in layers),
-                      "activations": sum(acts[i] for i in layers), "last": r == (p * v - 1) % p})
+                      "activations": sum(acts[i] for i in layers), "last": r == (p * v - 1) % p,
+                      "stages": [bounds[r + k * p] for k in range(v)]})
     return ranks
 
 
@@ -388,10 +389,21 @@ def _in_flight_of(schedule: str | None, p: int, m: int, v: int, rank: int) -> fl
     return in_flight(schedule, p, m, v)
 
 
+def bubble(compute: float, m: int, v: int, shares: list[float]) -> float:
+    """Seconds the busiest rank idles in a step of ``compute`` seconds of its own work: the fill and drain
+    pass each other rank's chunk of one microbatch once, so ``sum(others) / v`` of a microbatch's time (ranks'
+    ``shares`` of the work). Equal shares give the textbook (p-1)/(v*m) of the compute, i.e. an idle
+    fraction (p-1)/(v*m+p-1) (Narayanan et al. 2021); unequal stages idle less than the busiest one's share
+    suggests, since the bottleneck is busy while the light stages fill."""
+    busiest = max(shares)
+    return compute / m * (sum(shares) - busiest) / busiest / v if busiest > 0 else 0.0
+
+
 def cost(inp):
     """The busiest rank computes its stages' share of the FLOPs for every microbatch (stages split as the
     strategy splits them, when the layers are known; else 1/p each); the schedule's bubble idles it
-    (p-1)/(v*m+p-1) of the step; boundary activations are sent forward and their gradients back."""
+    (p-1)/(v*m+p-1) of the step (equal stages; see :func:`bubble`); boundary activations are sent forward and
+    their gradients back."""
     from parallelnn.advise import costs
 
     s, c = inp.stats, inp.candidate
@@ -410,10 +422,10 @@ def cost(inp):
         memory = max(held, key=lambda h: sum(h.values()))
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
     compute = costs.compute_seconds(inp, b, share)
-    idle = costs.pipeline_bubble(p, m, v)
     p2p = costs.pipeline_p2p(inp, inp.group("pp"), b / m, m, v)
     problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
-    return costs.StepCost(compute, memory, p2p, p2p, compute * idle / (1 - idle), problem, [
+    return costs.StepCost(compute, memory, p2p, p2p, bubble(compute, m, v, [r["flops"] for r in ranks] if ranks
+                                                              else [share] * p), problem, [
         f"pipeline: {split}; boundary sends not overlapped; tied first/last-stage weights' gradient sum not "
         "counted"])
 

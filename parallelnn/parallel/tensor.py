@@ -142,4 +142,5 @@ def cost(inp):
 STRATEGY = Strategy(name="tensor", summary="DTensor tensor parallelism: Linear pairs sharded over ranks",
                     layout=lambda cfg, world_size: Layout(tp=world_size), apply=apply, check=check,
                     min_nproc=2, order=40,
-                    cost=CostModel(candidates=lambda n, batch: [(Layout(tp=n), None, None)], step=cost))
+                    cost=CostModel(candidates=lambda n, batch: [(Layout(tp=n), None, None)], step=cost,
+                                   fixed_units=lambda stats: stats.tp_allreduce_calls or 2 * stats.layers))
