@@ -32,10 +32,10 @@ STATS = ModelStats(parameters=10**9, parameter_bytes=4 * 10**9, flops_per_sample
                    tp_allreduce_bytes_per_sample=2e7, tp_sharded_fraction=0.8)
 
 
-def predict(strategy, batch=8, **layout_and_more):
+def predict(strategy, batch=8, dtype="bf16", **layout_and_more):
     extra = {k: layout_and_more.pop(k) for k in ("microbatches", "schedule", "activation_checkpointing")
              if k in layout_and_more}
-    return predict_step(STATS, HW, Candidate(strategy, Layout(**layout_and_more), **extra), batch, "bf16")
+    return predict_step(STATS, HW, Candidate(strategy, Layout(**layout_and_more), **extra), batch, dtype)
 
 
 # -- collectives --------------------------------------------------------------------------------------
@@ -141,7 +141,8 @@ def test_compute_ddp_and_fsdp_step_times():
     bucket = 2 * 3 / 4 * 25 * 2**20 / 100e9 + 6e-6  # only the last 25 MiB bucket is exposed
     assert ddp.exposed_comm_seconds == pytest.approx(bucket)
     assert ddp.step_seconds == pytest.approx(0.24 + bucket)
-    fsdp = predict("fsdp", dp=4)  # gather twice + reduce-scatter, overlapped; the first block's gather exposed
+    # fp16 (autocast, no mixed-precision policy): gathers at the parameters' fp32, as the gradients.
+    fsdp = predict("fsdp", dp=4, dtype="fp16")  # gather twice + reduce-scatter, overlapped; the first block's exposed
     gather = 3 / 4 * 4e9 / 100e9 + 3e-6
     assert fsdp.comm_seconds == pytest.approx(3 * gather)
     assert fsdp.exposed_comm_seconds == pytest.approx(3 / 4 * 4e8 / 100e9 + 3e-6)
@@ -149,9 +150,20 @@ def test_compute_ddp_and_fsdp_step_times():
     assert (fsdp.comm_seconds - 9e-6) / (ddp.comm_seconds - 6e-6) == pytest.approx(1.5)
 
 
+def test_fsdp_under_bf16_gathers_bf16_and_reduces_fp32():
+    # fsdp.policies: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) -> 2 bytes/param per gather.
+    p = predict("fsdp", dp=4)
+    gather, reduce = 3 / 4 * 2e9 / 100e9 + 3e-6, 3 / 4 * 4e9 / 100e9 + 3e-6
+    assert p.comm_seconds == pytest.approx(2 * gather + reduce)  # 0.060009
+    assert p.exposed_comm_seconds == pytest.approx(3 / 4 * 2e8 / 100e9 + 3e-6)  # the first block, at bf16
+    # hybrid pipeline stages are sharded without a policy: their gathers stay at fp32.
+    hp = predict("hybrid", dp=2, pp=2, microbatches=2, schedule="1f1b")
+    assert any("parameters' dtype (no mixed-precision policy)" in a for a in hp.assumptions)
+
+
 def test_fsdp_exposes_what_compute_cannot_hide():
     # dp=8 over two nodes, one sample per rank: 0.12 s of compute, 0.24 s of gathers and reduce-scatter.
-    p = predict("fsdp", batch=8, dp=8)
+    p = predict("fsdp", batch=8, dp=8, dtype="fp16")
     assert p.exposed_comm_seconds == pytest.approx(p.comm_seconds - p.compute_seconds
                                                   + costs.all_gather(HW, Group(8, 4, 2), 4e8))
 

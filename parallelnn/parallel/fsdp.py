@@ -75,11 +75,25 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
                             "sharded_blocks": len(blocks), **describe_policy(cfg)})
 
 
+def gather_bytes_per_parameter(inp, policy: bool = True) -> float:
+    """Bytes per parameter FSDP all-gathers. Under ``--precision bf16`` :func:`policies` gives ``fully_shard`` a
+    ``MixedPrecisionPolicy(param_dtype=bfloat16)``: FSDP2 casts each fp32 shard to bf16 before the all-gather
+    and gathers bf16 (PyTorch docs, torch.distributed.fsdp.MixedPrecisionPolicy: "param_dtype ... the dtype for
+    the unsharded parameter and hence the dtype for forward/backward computation and the parameter
+    all-gather"), half the fp32 volume; gradients are reduce-scattered in ``--reduce-precision``, fp32 by
+    default (taken here). Without a policy (``policy=False``, other precisions) the parameters' own dtype."""
+    from parallelnn.advise import costs
+
+    per = inp.stats.bytes_per_parameter
+    return min(per, costs.BYTES["bf16"]) if policy and inp.dtype == "bf16" else per
+
+
 def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_fraction: float = 1.0,
-            buffers: float | None = None):
+            buffers: float | None = None, policy: bool = True):
     """``inner`` (the cost of one rank of one model copy, holding ``held_parameters`` whole) with FSDP over
     the layout's dp ranks: parameters, gradients and optimizer state divided by dp; the parameters gathered
-    ``gathers`` times (forward, and again in backward after resharding) and the gradients reduce-scattered,
+    ``gathers`` times (forward, and again in backward after resharding; at :func:`gather_bytes_per_parameter`,
+    ``policy``: whether the bf16 mixed-precision policy applies) and the gradients reduce-scattered,
     overlapped with the compute by prefetching; the largest block (``block_fraction`` of it held) unsharded
     twice (computing, prefetched) plus its unsharded gradient (or ``buffers`` bytes, when the caller knows)."""
     from parallelnn.advise import costs
@@ -87,17 +101,20 @@ def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_f
     dp = inp.layout.dp
     if dp <= 1:
         return inner
-    held = held_parameters * inp.stats.bytes_per_parameter
-    comm, exposed = costs.fsdp_sync(inp, inp.group("dp"), held, held, inner.compute_seconds, gathers, block_fraction)
+    per = inp.stats.bytes_per_parameter
+    gathered = gather_bytes_per_parameter(inp, policy)
+    # fsdp_sync sizes the exposed first gather as block_fraction of the largest block at the parameters' dtype.
+    comm, exposed = costs.fsdp_sync(inp, inp.group("dp"), held_parameters * gathered, held_parameters * per,
+                                    inner.compute_seconds, gathers, block_fraction * gathered / per)
     memory = {k: v / dp if k in ("parameters", "gradients", "optimizer") else v for k, v in inner.memory.items()}
     memory["buffers"] = memory.get("buffers", 0.0) + (costs.fsdp_buffers(inp, block_fraction) if buffers is None
                                                       else buffers)
+    dtype = "bf16 (mixed-precision policy)" if gathered < per else "the parameters' dtype (no mixed-precision policy)"
     return costs.StepCost(inner.compute_seconds, memory, inner.comm_seconds + comm,
                           inner.exposed_comm_seconds + exposed, inner.bubble_seconds, inner.problem,
-                          [*inner.assumptions, (f"FSDP: parameters all-gathered {gathers:g}x per step and gradients "
-                                                "reduce-scattered at the parameters' dtype (no mixed-precision "
-                                                "policy), prefetch overlapping compute; the first block's gather "
-                                                "is exposed")])
+                          [*inner.assumptions, (f"FSDP: parameters all-gathered {gathers:g}x per step at {dtype}, "
+                                                "gradients reduce-scattered at the parameters' dtype, prefetch "
+                                                "overlapping compute; the first block's gather is exposed")])
 
 
 def cost(inp):

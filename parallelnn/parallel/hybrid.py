@@ -67,7 +67,8 @@ def cost(inp):
         _, _, m = pipeline.shape_of(inp)
         held = pipeline.stage_parameters(inp.stats, inp.layout.pp)
         step = fsdp.sharded(inp, pipeline.cost(inp), held, gathers=m + 1,
-                            buffers=2 * held * inp.stats.bytes_per_parameter if inp.layout.dp > 1 else 0.0)
+                            buffers=2 * held * inp.stats.bytes_per_parameter if inp.layout.dp > 1 else 0.0,
+                            policy=False)  # stages are sharded without a mixed-precision policy (apply)
         step.assumptions.append("hybrid pipeline: parameters re-gathered ~once per microbatch (+1); unsharded "
                                 "stage parameters and gradients held through the step")
         return step
