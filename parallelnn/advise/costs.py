@@ -138,6 +138,15 @@ class ModelStats:
     layer_flops: list[float] | None = None
     layer_parameters: list[int] | None = None
     layer_activation_bytes_per_sample: list[float] | None = None
+    #: Bytes the memory-bound ops (everything but the FLOPs counted: matmuls, convolutions, fused attention)
+    #: read and write per sample in forward + backward, at the compute dtype; timed at the hardware's
+    #: ``memory_bandwidth`` when it has one. Of which: the blocks' forward (what recomputation runs again), and
+    #: the part a tensor-parallel plan shards (None: ``tp_sharded_flops_fraction``).
+    nonmatmul_bytes_per_sample: float = 0.0
+    nonmatmul_block_forward_bytes_per_sample: float = 0.0
+    tp_sharded_nonmatmul_fraction: float | None = None
+    #: Fraction of the FLOPs inside the repeated blocks (what per-block recomputation runs again); None: all.
+    block_flops_fraction: float | None = None
 
     @property
     def bytes_per_parameter(self) -> float:
@@ -225,19 +234,41 @@ def model_state(inp: CostInputs, parameters: float) -> dict[str, float]:
             "optimizer": parameters * inp.optimizer_state_bytes_per_param}
 
 
-def compute_seconds(inp: CostInputs, samples: float, fraction: float = 1.0) -> float:
-    """Forward + backward of ``fraction`` of the model on ``samples``; with recomputation one forward more."""
-    flops = inp.stats.flops_per_sample * samples * fraction
-    if inp.candidate.activation_checkpointing:
-        flops *= 1 + FORWARD_SHARE
-    return flops / (inp.hw.peak(inp.dtype) * inp.hw.matmul_efficiency)
+def recomputed_share(inp: CostInputs) -> float:
+    """FLOPs recomputed, as a share of a step's: per-block activation checkpointing (``checkpoint_wrapper``
+    on each block, as torchtitan and the strategies here apply it) reruns the blocks' forward in backward, not
+    the embedding, the LM head or the loss (Korthikanti et al. 2022, arXiv:2205.05198, section 5: full
+    recomputation costs one more forward of the recomputed layers). A forward is ``FORWARD_SHARE`` of a step (backward
+    ~2x forward: Narayanan et al. 2021, eq. 3 counts 2 forward-equivalents in backward)."""
+    if not inp.candidate.activation_checkpointing:
+        return 0.0
+    f = inp.stats.block_flops_fraction
+    return FORWARD_SHARE * (1.0 if f is None else f)
+
+
+def compute_seconds(inp: CostInputs, samples: float, fraction: float = 1.0, bytes_fraction: float | None = None
+                    ) -> float:
+    """Forward + backward of ``fraction`` of the model's FLOPs on ``samples`` (with recomputation the blocks'
+    forward once more, :func:`recomputed_share`) at ``matmul_efficiency`` of peak, plus, where the hardware
+    states its memory bandwidth, the memory-bound ops' bytes (``bytes_fraction`` of them; default ``fraction``)
+    at that bandwidth: a roofline sum, each non-matmul op taken as bandwidth-bound and none overlapping a GEMM
+    (eager PyTorch runs them as separate kernels; Williams et al. 2009, "Roofline", CACM 52(4)). Without a
+    bandwidth (this machine's calibration: a measured whole-step rate) the FLOPs alone."""
+    s, hw = inp.stats, inp.hw
+    flops = s.flops_per_sample * samples * fraction * (1 + recomputed_share(inp))
+    seconds = flops / (hw.peak(inp.dtype) * hw.matmul_efficiency)
+    if hw.memory_bandwidth and s.nonmatmul_bytes_per_sample:
+        moved = s.nonmatmul_bytes_per_sample
+        if inp.candidate.activation_checkpointing:
+            moved += s.nonmatmul_block_forward_bytes_per_sample
+        seconds += moved * samples * (fraction if bytes_fraction is None else bytes_fraction) / hw.memory_bandwidth
+    return seconds
 
 
 def backward_seconds(inp: CostInputs, compute: float) -> float:
     """The part of ``compute`` after the first gradient exists (backward, and recomputed forwards)."""
-    if inp.candidate.activation_checkpointing:
-        return compute * 3 / 4  # of (1 + 1/3): the recomputed forward + the backward
-    return compute * (1 - FORWARD_SHARE)
+    extra = recomputed_share(inp)
+    return compute * (1 - FORWARD_SHARE + extra) / (1 + extra)
 
 
 def activation_bytes(inp: CostInputs, samples: float, layer_share: float = 1.0, shard: float = 1.0) -> float:
@@ -262,6 +293,17 @@ def tp_fractions(stats: ModelStats, tp: int) -> tuple[float, float, float]:
 
     return (share(stats.tp_sharded_fraction), share(stats.tp_sharded_flops_fraction),
             share(stats.tp_sharded_activation_fraction))
+
+
+def tp_nonmatmul_share(stats: ModelStats, tp: int) -> float:
+    """The memory-bound bytes a tensor-parallel rank moves, as a fraction of the model's: what the plan shards
+    (per-head and 4h tensors) over ``tp``, the rest (layer norms, residual adds, dropout on [seq, hidden], the
+    loss) whole on every rank, as Megatron without sequence parallelism runs them (Korthikanti et al. 2022,
+    arXiv:2205.05198, section 4.2.1)."""
+    f = stats.tp_sharded_nonmatmul_fraction
+    f = (stats.tp_sharded_flops_fraction if stats.tp_sharded_flops_fraction is not None
+         else stats.tp_sharded_fraction) if f is None else f
+    return 1 - f + f / tp
 
 
 def ddp_sync(inp: CostInputs, group: Group, grad_bytes: float, overlap: float) -> tuple[float, float]:

@@ -45,7 +45,9 @@ class Hardware:
     intra: Link
     #: Between nodes, per device's share of the node's NICs.
     inter: Link
-    #: Fraction of peak a large training matmul reaches (applied to all counted FLOPs).
+    #: Fraction of peak the counted FLOPs run at. With ``memory_bandwidth`` set: the GEMM efficiency (matrix
+    #: multiplies and fused attention, the only FLOPs counted); without: a whole-step rate, which then also covers
+    #: the memory-bound rest (this machine's calibration measures it so, with 1.0 and a measured peak).
     matmul_efficiency: float
     max_devices: int
     #: Where each figure comes from, and what is assumed.
@@ -61,6 +63,10 @@ class Hardware:
     #: Seconds of an optimizer step (and the gradient norm) per parameter a rank updates, when measured (this
     #: machine); 0 on presets, where the update is a few percent of a step (memory-bound, not modelled).
     optimizer_seconds_per_parameter: float = 0.0
+    #: Device memory (HBM) bandwidth, bytes/s, nameplate: the memory-bound work besides the counted FLOPs
+    #: (normalisations, activations, softmax of the loss, residual adds, casts) moves ``nonmatmul_bytes`` at this
+    #: rate (``costs.compute_seconds``). None: not modelled apart (``matmul_efficiency`` covers it).
+    memory_bandwidth: float | None = None
 
     def link(self, kind: str) -> Link:
         """The within-node link of a collective ``kind``."""
@@ -89,14 +95,17 @@ def _h100(nodes: int, inter: Link, name: str, inter_note: str, nics: int = 1) ->
         name=name, device_type="cuda",
         peak_flops={"fp32": 66.9 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T},
         memory_bytes=int(80 * G), devices_per_node=8,
-        intra=Link(370 * G, 2 * US), inter=inter, matmul_efficiency=0.55, max_devices=8 * nodes,
+        intra=Link(370 * G, 2 * US), inter=inter, matmul_efficiency=0.80, max_devices=8 * nodes,
+        memory_bandwidth=3.35 * T,
         notes=("H100 SXM5: dense peaks from NVIDIA's H100 datasheet (989 TFLOP/s bf16/fp16 without sparsity, "
                "495 tf32, 67 fp32); 80 GB HBM3 taken as 80e9 bytes usable (nvidia-smi shows 81,559 MiB; the "
                "rest is CUDA context and allocator slack). NVLink 4 via NVSwitch: 450 GB/s per direction "
                "nameplate; 370 GB/s effective after NCCL's protocol overhead (NCCL maintainer, "
                "NVIDIA/nccl-tests#212), used for ring collectives; NVLink SHARP all-reduce can reach ~480 GB/s "
-               "bus bandwidth, not assumed. 2 us per ring hop. matmul_efficiency 0.55: large bf16 GEMMs reach 60-75% of "
-               "peak, whole transformer layers (attention, elementwise ops not counted as FLOPs) less. "
+               "bus bandwidth, not assumed. 2 us per ring hop. HBM3 3.35 TB/s (datasheet) for the memory-bound "
+               "non-matmul work. matmul_efficiency 0.80: the GEMM rate, the Maximum Achievable Matmul FLOPS of "
+               "an H100 SXM, 794.5 of 989 TFLOP/s bf16 (stas00/ml-engineering, compute/accelerator/README.md, "
+               "MAMF table; a brute-force best over shapes, so a ceiling). "
                + inter_note), nics_per_node=nics)
 
 
@@ -110,14 +119,17 @@ def _presets() -> dict[str, Hardware]:
         name="8xA100-pcie", device_type="cuda",
         peak_flops={"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T},
         memory_bytes=int(80 * G), devices_per_node=8,
-        intra=Link(12 * G, 5 * US), inter=Link(12 * G, 5 * US), matmul_efficiency=0.5, max_devices=8,
+        intra=Link(12 * G, 5 * US), inter=Link(12 * G, 5 * US), matmul_efficiency=0.81, max_devices=8,
+        memory_bandwidth=1.935 * T,
         notes=("A100 80GB PCIe: dense peaks from NVIDIA's A100 datasheet (312 TFLOP/s bf16/fp16, 156 tf32, 19.5 "
                "fp32); 80e9 bytes usable. No NVLink: GPUs talk over PCIe 4.0 x16 (32 GB/s per direction "
                "nameplate) through PCIe switches and across two CPU sockets; 12 GB/s assumed for NCCL bus "
                "bandwidth: on PCIe systems the CPUs' root complexes and memory bound it (NVIDIA/nccl#1639), and "
                "8-GPU PCIe servers report 10-25 GB/s depending on switches and sockets. 5 us per hop. "
-               "matmul_efficiency 0.5: the 300 W PCIe card clocks lower than the SXM part under sustained "
-               "GEMMs. One node: no inter-node link (inter = intra)."))
+               "HBM2e 1,935 GB/s (A100 80GB PCIe datasheet) for the memory-bound non-matmul work. "
+               "matmul_efficiency 0.81: the GEMM rate, the Maximum Achievable Matmul FLOPS of an A100 PCIe, 252.9 "
+               "of 312 TFLOP/s bf16 (stas00/ml-engineering, compute/accelerator/README.md, MAMF table; a "
+               "brute-force best over shapes, so a ceiling). One node: no inter-node link (inter = intra)."))
     v100 = Hardware(
         name="4x8xV100-ib1", device_type="cuda",
         # No bf16 or tf32 tensor cores on Volta: those dtypes run at (at best) fp32 rates.
@@ -129,7 +141,8 @@ def _presets() -> dict[str, Hardware]:
                "hybrid cube-mesh: 6 links x 25 GB/s = 150 GB/s per direction nameplate, 130 GB/s assumed "
                "NCCL bus bandwidth, 3 us per hop. Inter-node: ONE 100 Gb/s EDR InfiniBand NIC per node = "
                "12.5 GB/s nameplate, 12 GB/s achievable, shared by 8 GPUs = 1.5 GB/s per GPU; 5 us per hop. "
-               "matmul_efficiency 0.5."))
+               "matmul_efficiency 0.5, a whole-step rate: no measured GEMM rate of a V100 is cited here, so the "
+               "memory-bound non-matmul work is not modelled apart (memory_bandwidth unset; HBM2 is 900 GB/s)."))
     return {h.name: h for h in (h100_1, h100_2, a100, v100)}
 
 
@@ -144,11 +157,15 @@ CUSTOM_KEYS = {
     "intra_gbps": ("bandwidth within a node, GB/s per device", G), "intra_latency_us": ("intra hop latency, us", US),
     "inter_gbps": ("bandwidth between nodes, GB/s per device", G), "inter_latency_us": ("inter hop latency, us", US),
     "efficiency": ("fraction of peak reached by matmuls", 1),
+    "memory_gbps": ("device memory (HBM) bandwidth, GB/s", G),
     "nics_per_node": ("NICs per node (default: one per device)", 1),
 }
 REQUIRED = ("gpus_per_node", "memory_gb", "intra_gbps")
 DEFAULT_LATENCY_US = {"intra_latency_us": 5.0, "inter_latency_us": 10.0}
 DEFAULT_EFFICIENCY = 0.5
+#: With ``memory_gbps`` the efficiency is a GEMM rate: 0.8, the Maximum Achievable Matmul FLOPS of A100 / H100 SXM
+#: (80-87% of peak, stas00/ml-engineering compute/accelerator/README.md); without, a whole-step rate (0.5).
+DEFAULT_GEMM_EFFICIENCY = 0.8
 
 
 def _custom_figures(text: str) -> dict[str, float]:
@@ -185,7 +202,8 @@ def _custom(text: str) -> Hardware:
         missing.append("bf16_tflops or fp32_tflops")
     if missing:
         raise UserError(f"custom hardware '{text}' lacks {', '.join(missing)}")
-    if f.get("efficiency", DEFAULT_EFFICIENCY) > 1:
+    default_efficiency = DEFAULT_GEMM_EFFICIENCY if "memory_gbps" in f else DEFAULT_EFFICIENCY
+    if f.get("efficiency", default_efficiency) > 1:
         raise UserError(f"hardware figure efficiency={f['efficiency']:g} must be a fraction of peak, at most 1")
     fp32 = f.get("fp32_tflops", f.get("tf32_tflops", f.get("bf16_tflops", f.get("fp16_tflops"))))
     bf16 = f.get("bf16_tflops", f.get("fp16_tflops", fp32))
@@ -199,9 +217,10 @@ def _custom(text: str) -> Hardware:
     return Hardware(
         name=f"custom {nodes}x{per_node}" if nodes > 1 else f"custom {per_node}x", device_type="cuda",
         peak_flops=peaks, memory_bytes=int(f["memory_gb"] * G), devices_per_node=per_node, intra=intra,
-        inter=inter, matmul_efficiency=f.get("efficiency", DEFAULT_EFFICIENCY), max_devices=nodes * per_node,
+        inter=inter, matmul_efficiency=f.get("efficiency", default_efficiency), max_devices=nodes * per_node,
+        memory_bandwidth=f["memory_gbps"] * G if "memory_gbps" in f else None,
         notes=f"custom figures: {text.strip()}" + (
-            f"; defaults for {', '.join(defaulted)} (efficiency {DEFAULT_EFFICIENCY}, intra hop "
+            f"; defaults for {', '.join(defaulted)} (efficiency {default_efficiency}, intra hop "
             f"{DEFAULT_LATENCY_US['intra_latency_us']:g} us, inter hop {DEFAULT_LATENCY_US['inter_latency_us']:g} us); "
             "dtypes not given take the nearest given peak" if defaulted else "; dtypes not given take the nearest given peak"),
         nics_per_node=int(f.get("nics_per_node", per_node)))

@@ -20,8 +20,9 @@ from parallelnn.advise.costs import Candidate, ModelStats, Prediction, predict_s
 from parallelnn.advise.hardware import Hardware
 
 MODEL_ASSUMPTIONS = (
-    ("predicted, not measured: compute = counted FLOPs / (peak x matmul efficiency); the optimizer step, "
-     "data loading and kernel launch gaps are not counted"),
+    ("predicted, not measured: compute = counted FLOPs / (peak x matmul efficiency) [+ memory-bound ops' bytes / "
+     "HBM bandwidth, where the hardware states it]; the optimizer step, data loading and kernel launch gaps are "
+     "not counted"),
     ("collectives: NCCL ring formulas, hierarchical across nodes; inter-node bandwidth is each device's share "
      "of its node's NICs (all devices of a node communicate at once)"),
     ("memory: fp32 weights and gradients, Adam state (8 bytes/parameter unless stated), saved activations at "
@@ -30,9 +31,16 @@ MODEL_ASSUMPTIONS = (
 )
 
 
+ATTENTION_ASSUMPTION = (
+    "attention: F.scaled_dot_product_attention (transformers' attn_implementation='sdpa') counted as CUDA's fused "
+    "flash / memory-efficient kernels run it: saves q, k, v, output and logsumexp, not the seq x seq weights; "
+    "causal attention at the FLOPs of its unmasked half; memory-bound ops as eager PyTorch runs them (one kernel "
+    "each, no fusion), at the compute dtype")
+
+
 def assumptions(hw: Hardware) -> list[str]:
     """Lines to print under a prediction: the model's simplifications and the hardware's sources."""
-    return [*MODEL_ASSUMPTIONS, f"{hw.name}: {hw.notes}"]
+    return [*MODEL_ASSUMPTIONS, ATTENTION_ASSUMPTION, f"{hw.name}: {hw.notes}"]
 
 
 def candidates(nproc: int, strategies: Iterable[str] | None, global_batch: int,
@@ -187,9 +195,157 @@ class _SavedBytes:
         return t
 
 
-def _fused_attention():
+#: Fused attention ops (FlopCounterMode counts them; their causal half is masked, see :class:`_Traffic`).
+_ATTENTION = ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention_backward",
+              "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
+#: Ops that move no bytes (metadata, or memory not yet written).
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+               "_unsafe_view", "lift_fresh"}
+
+
+def causal_kept(s_q: int, s_k: int) -> float:
+    """Share of the query x key scores a causal mask keeps (PyTorch's ``is_causal``: query i sees keys 0..i):
+    sum(min(i+1, s_k)) / (s_q s_k), (s+1)/2s for s_q = s_k. Flash and memory-efficient kernels skip the
+    fully masked tiles (Dao 2023, FlashAttention-2, arXiv:2307.08691, section 3.1: "we can skip the
+    computation of about half of the blocks"); FlopCounterMode counts all s_q x s_k ("We aren't accounting
+    for causal attention here", torch/utils/flop_counter.py)."""
+    full = min(s_q, s_k)
+    kept = full * (full + 1) / 2 + (s_q - full) * s_k
+    return kept / (s_q * s_k)
+
+
+def _nbytes(t, itemsize: int) -> float:
+    """Bytes of tensor ``t`` a kernel reads or writes once: its elements (at most its storage's: a broadcast view
+    is read from cache), floating ones at the compute dtype's ``itemsize``."""
+    n = t.numel()
+    if t.element_size():
+        n = min(n, t.untyped_storage().nbytes() // t.element_size())
+    return n * (itemsize if t.is_floating_point() else t.element_size())
+
+
+def _attention_arg(func, args, kwargs, name: str, default):
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return kwargs.get(name, args[i] if i < len(args) else default)
+    return default
+
+
+def _traffic_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Traffic(TorchDispatchMode):
+        """Sums the bytes every memory-bound aten op reads and writes (inputs + outputs, at the compute dtype;
+        views and allocations move none) in forward and backward; the ops FlopCounterMode counts (matmuls,
+        convolutions, fused attention) are left out, their time is their FLOPs'. This is the traffic of
+        eager PyTorch, one kernel per op (no fusion): normalisations, activations, softmax, dropout, residual
+        adds, casts, the loss. Also notes the fused attention FLOPs a causal mask skips (:func:`causal_kept`).
+        ``saved`` says when the forward is inside a block and the hidden size; set ``backward`` from outside."""
+
+        def __init__(self, itemsize: int, counted, saved: _SavedBytes):
+            super().__init__()
+            self.itemsize, self.counted, self.paused, self.saved = itemsize, counted, False, saved
+            self.total = self.block_forward = self.block_forward_sharded = self.forward = 0.0
+            self.attention_flops = self.masked_flops = 0.0
+            self.backward = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            import torch
+            from torch.utils._pytree import tree_leaves
+
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func._schema.name.split("::")[-1]
+            if self.paused or name in _NO_TRAFFIC or any(r.alias_info is not None and not r.alias_info.is_write
+                                                          for r in func._schema.returns):
+                return out
+            if func._overloadpacket in self.counted:
+                if name in _ATTENTION:
+                    self._attention(func, args, kwargs, out)
+                return out
+            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            moved = self._moved(name, ins, outs)
+            self.total += moved
+            if not self.backward:
+                self.forward += moved
+                if self.saved.block_depth:
+                    self.block_forward += moved
+                    if outs and outs[0].dim() and outs[0].shape[-1] != self.saved.hidden:
+                        self.block_forward_sharded += moved
+            return out
+
+        def _moved(self, name, ins, outs) -> float:
+            size = lambda ts: sum(_nbytes(t, self.itemsize) for t in ts)  # noqa: E731
+            if name == "embedding":  # reads the rows it gathers, not the table
+                return size(ins[1:]) + 2 * size(outs)
+            if name == "nll_loss_forward":  # reads one log-probability per target
+                return size(ins[1:]) + ins[1].numel() * self.itemsize + size(outs)
+            if name == "nll_loss_backward":  # writes the gradient (zeroed, one entry per target set)
+                return size(ins[:1] + ins[2:3]) + size(outs)
+            return size(ins) + size(outs)
+
+        def _attention(self, func, args, kwargs, out):
+            from torch.utils.flop_counter import flop_registry
+
+            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+            self.attention_flops += flops
+            if _attention_arg(func, args, kwargs, "is_causal", False):
+                q = _attention_arg(func, args, kwargs, "query", None)
+                k = _attention_arg(func, args, kwargs, "key", None)
+                self.masked_flops += flops * (1 - causal_kept(q.shape[-2], k.shape[-2]))
+
+    return _Traffic
+
+
+def _repeat_heads(x, rep: int, traffic):
+    """``x`` [..., kv_heads, s, d] repeated to [..., kv_heads * rep, s, d] for a kernel without grouped-query
+    support; its copy and its gradient's sum are not counted as traffic (a GQA kernel reads the kv heads in
+    place)."""
+    import contextlib
+
+    import torch
+
+    def quiet():
+        if traffic is None:
+            return contextlib.nullcontext()
+        return _paused(traffic)
+
+    class Repeat(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            with quiet():
+                return t.repeat_interleave(rep, dim=-3)
+
+        @staticmethod
+        def backward(ctx, g):
+            with quiet():
+                return g.unflatten(-3, (-1, rep)).sum(-3)
+
+    return Repeat.apply(x)
+
+
+def _paused(traffic):
+    import contextlib
+
+    @contextlib.contextmanager
+    def paused():
+        before, traffic.paused = traffic.paused, True
+        try:
+            yield
+        finally:
+            traffic.paused = before
+
+    return paused()
+
+
+def _fused_attention(saved: _SavedBytes | None = None, traffic=None):
     """Patch ``F.scaled_dot_product_attention`` to the memory-efficient kernel (it has meta kernels), as
-    CUDA runs it: saves O(seq) per head, not the seq x seq weights the math fallback on meta saves."""
+    CUDA runs it: it saves q, k, v, the output and the logsumexp (O(seq) per head), not the seq x seq weights the
+    math fallback on meta saves (Dao et al. 2022, FlashAttention, arXiv:2205.14135, section 3.1: the backward
+    recomputes the attention matrix from the saved softmax statistics). Grouped-query attention
+    (``enable_gqa``, as transformers' sdpa path calls it for Llama) is run on repeated kv heads, counted as
+    a GQA kernel saves them: the kv heads once (``saved``), no copy (``traffic``)."""
     from unittest import mock
 
     import torch
@@ -197,9 +353,19 @@ def _fused_attention():
 
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if attn_mask is not None or kw or q.shape[-3] != k.shape[-3]:
-            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
+        grouped = q.shape[-3] != k.shape[-3]
+        if attn_mask is not None or kw or (grouped and not enable_gqa) or q.dim() != 4:
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                            enable_gqa=enable_gqa, **kw)
+        if grouped:
+            rep = q.shape[-3] // k.shape[-3]
+            k_rep, v_rep = _repeat_heads(k, rep, traffic), _repeat_heads(v, rep, traffic)
+            if saved is not None:  # the kernel saves the repeated copies; a GQA kernel saves k and v
+                saved.skip.update(_storage_key(t) for t in (k_rep, v_rep))
+                saved.pack(k)
+                saved.pack(v)
+            k, v = k_rep, v_rep
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, dropout_p, is_causal, scale=scale)[0]
 
@@ -219,7 +385,9 @@ def _loss(out, x):
 def stats_from_meta(build_model: Callable[[], Any], sample_input_shape: tuple[int, ...], *, input_dtype=None,
                     compute_dtype: str = "bf16", blocks: Callable[[Any], list] | None = None) -> ModelStats:
     """:class:`ModelStats` of a model built on the meta device (no memory): parameters, FLOPs of forward +
-    backward (``FlopCounterMode``), saved activations (``saved_tensors_hooks``) and block boundaries, for a
+    backward (``FlopCounterMode``; causal fused attention at its kept share, :func:`causal_kept`), the bytes of
+    the memory-bound ops (:func:`_traffic_mode`), saved activations (``saved_tensors_hooks``; SDPA as the
+    fused kernels save, :func:`_fused_attention`) and block boundaries, for a
     batch of ``sample_input_shape`` (integer token ids unless ``input_dtype`` says otherwise; the first
     dimension is the batch). ``blocks``: the model's repeated blocks (default: its longest ModuleList)."""
     import torch
@@ -238,24 +406,38 @@ def stats_from_meta(build_model: Callable[[], Any], sample_input_shape: tuple[in
     saved = _SavedBytes(params, BYTES[compute_dtype])
     boundary: list[Any] = []
     hooks = _watch_blocks(found, saved, boundary)
-    try:
-        with _fused_attention(), FlopCounterMode(display=False) as counter, \
+    counter = FlopCounterMode(display=False)
+    traffic = _traffic_mode()(BYTES[compute_dtype], set(counter.flop_registry), saved)
+    try:  # traffic below the counter: it sees the ops the counter has decomposed
+        with _fused_attention(saved, traffic), traffic, counter, \
                 torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            _loss(model(x), x).backward()
+            loss = _loss(model(x), x)
+            traffic.backward = True
+            loss.backward()
     finally:
         for h in hooks:
             h.remove()
-    stats = _stats(model, params, n_params, found, block_params, counter.get_total_flops(), saved, boundary, batch,
+    flops = counter.get_total_flops() - traffic.masked_flops
+    stats = _stats(model, params, n_params, found, block_params, flops, saved, boundary, batch,
                    sample_input_shape, x, BYTES[compute_dtype])
-    stats.tp_sharded_flops_fraction = _block_flops(model, found, counter) / max(counter.get_total_flops(), 1)
+    block = _block_flops(model, found, counter)
+    if traffic.masked_flops:  # the blocks' share of the masked attention FLOPs
+        block -= _block_flops(model, found, counter, _ATTENTION) * traffic.masked_flops / traffic.attention_flops
+    stats.tp_sharded_flops_fraction = block / max(flops, 1)
+    stats.block_flops_fraction = stats.tp_sharded_flops_fraction if found else None
+    stats.nonmatmul_bytes_per_sample = traffic.total / batch
+    stats.nonmatmul_block_forward_bytes_per_sample = traffic.block_forward / batch
+    stats.tp_sharded_nonmatmul_fraction = traffic.block_forward_sharded / traffic.forward if traffic.forward else 0.0
     return stats
 
 
-def _block_flops(model, found, counter) -> float:
-    """FLOPs counted inside the blocks (FlopCounterMode names modules ``ClassName.fqn``)."""
+def _block_flops(model, found, counter, only: tuple[str, ...] | None = None) -> float:
+    """FLOPs counted inside the blocks (FlopCounterMode names modules ``ClassName.fqn``), of the ops named
+    ``only`` if given."""
     ids = {id(b) for b in found}
     names = {f"{type(model).__name__}.{fqn}" for fqn, m in model.named_modules() if id(m) in ids}
-    return float(sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name in names))
+    return float(sum(n for name, ops in counter.get_flop_counts().items() if name in names
+                     for op, n in ops.items() if only is None or str(op).split(".")[-1] in only))
 
 
 def _watch_blocks(found, saved: _SavedBytes, boundary: list) -> list:

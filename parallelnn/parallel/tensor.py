@@ -134,7 +134,8 @@ def cost(inp):
     comm = costs.tensor_parallel_comm(inp, inp.group("tp"), b)
     memory = {**costs.model_state(inp, inp.stats.parameters * params),
               "activations": costs.activation_bytes(inp, b, shard=acts)}
-    return costs.StepCost(costs.compute_seconds(inp, b, flops), memory, comm, comm, assumptions=[
+    compute = costs.compute_seconds(inp, b, flops, costs.tp_nonmatmul_share(inp.stats, inp.layout.tp))
+    return costs.StepCost(compute, memory, comm, comm, assumptions=[
         ("tensor parallel: all-reduces not overlapped with compute (no sequence parallelism, no async TP); "
          "replicated layers computed whole on every tp rank")])
 
