@@ -382,3 +382,125 @@ def test_an_unbalanced_pipeline_idles_for_the_light_stages_only():
     assert bubble(1.0, 4, 2, [0.25] * 4) == pytest.approx(3 / 8)
     # A convolution stage with 90% of the work and a light head: the head's one microbatch, not 1/m.
     assert bubble(0.9, 2, 1, [0.9, 0.1]) == pytest.approx(0.9 / 2 * 0.1 / 0.9)
+
+
+# -- memory-bound work, recomputed share, causal attention, grouped-query attention's saved tensors ----------
+
+def test_memory_bound_bytes_add_at_the_hbm_bandwidth_only_where_the_hardware_states_it():
+    from dataclasses import replace
+
+    stats = replace(STATS, nonmatmul_bytes_per_sample=1e10, nonmatmul_block_forward_bytes_per_sample=2e9)
+    fast = replace(HW, memory_bandwidth=2e12)
+    p = predict_step(stats, fast, Candidate("single", Layout()), 8)
+    assert p.compute_seconds == pytest.approx(8 * 6e12 / (100e12 * 0.5) + 8 * 1e10 / 2e12)  # 0.96 + 0.04 s
+    # Recomputation reruns the blocks' forward: their 2 GB a sample move again.
+    ckpt = predict_step(stats, fast, Candidate("single", Layout(), activation_checkpointing=True), 8)
+    assert ckpt.compute_seconds == pytest.approx(0.96 * 4 / 3 + 8 * 1.2e10 / 2e12)
+    # Without a bandwidth (this machine's calibrated rate covers it) the bytes add nothing.
+    assert predict_step(stats, HW, Candidate("single", Layout()), 8).compute_seconds == pytest.approx(0.96)
+    # Tensor parallel: 60% of the bytes sharded over 2 ranks, 40% whole -> 0.7 of them; FLOPs 0.8/2 + 0.2 = 0.6.
+    tp = predict_step(replace(stats, tp_sharded_nonmatmul_fraction=0.6), fast, Candidate("tensor", Layout(tp=2)), 8)
+    assert tp.compute_seconds == pytest.approx(0.96 * 0.6 + 0.04 * 0.7)
+
+
+def test_recomputation_reruns_only_the_blocks_forward():
+    from dataclasses import replace
+
+    plain = predict("single", dp=1)
+    stats = replace(STATS, block_flops_fraction=0.9)  # 10% in the embedding, LM head and loss
+    ckpt = predict_step(stats, HW, Candidate("single", Layout(), activation_checkpointing=True), 8)
+    assert ckpt.compute_seconds == pytest.approx(plain.compute_seconds * (1 + 0.9 / 3))  # 1.248 s
+    # DDP's overlap window: the recomputed forward and the backward, 0.3 + 2/3 of the 1.3.
+    inp = costs.CostInputs(stats, HW, Candidate("ddp", Layout(dp=2), activation_checkpointing=True), 8, "bf16", 8, 1)
+    assert costs.backward_seconds(inp, 1.3) == pytest.approx(0.3 + 2 / 3)
+
+
+def test_causal_attention_keeps_the_lower_triangle():
+    from parallelnn.advise.predict import causal_kept
+
+    assert causal_kept(4, 4) == pytest.approx(10 / 16)  # 1 + 2 + 3 + 4 of 16
+    assert causal_kept(2, 4) == pytest.approx(3 / 8)  # query i sees keys 0..i (PyTorch's top-left mask)
+    assert causal_kept(4, 2) == pytest.approx((1 + 2 + 2 + 2) / 8)
+
+
+class _Attention:
+    """A block of one projection and causal SDPA over 4 heads of 8 (kv_heads=2: grouped-query)."""
+
+    @staticmethod
+    def build(causal: bool, kv_heads: int = 4):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q, self.kv = nn.Linear(32, 32, bias=False), nn.Linear(32, 16 * kv_heads, bias=False)
+
+            def forward(self, x):
+                b, s, _ = x.shape
+                q = self.q(x).view(b, s, 4, 8).transpose(1, 2)
+                k, v = self.kv(x).view(b, s, 2 * kv_heads, 8).transpose(1, 2).chunk(2, dim=1)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=kv_heads != 4
+                                                      ).transpose(1, 2).reshape(b, s, 32)
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = nn.ModuleList([Block()])
+
+            def forward(self, x):
+                return self.blocks[0](x)
+
+        return Model, torch.float32
+
+
+def test_stats_count_causal_attention_at_its_kept_half():
+    from parallelnn.advise.predict import causal_kept, stats_from_meta
+
+    s, heads, d = 64, 4, 8
+    full, dtype = _Attention.build(False)
+    causal, _ = _Attention.build(True)
+    a = stats_from_meta(full, (1, s, 32), input_dtype=dtype)
+    b = stats_from_meta(causal, (1, s, 32), input_dtype=dtype)
+    # The projections' FLOPs are the same in both; attention: 2 s^2 d per head for each of its 2 matmuls
+    # forward and 5 backward (FlopCounterMode's sdpa formulas), of which the causal mask skips 1 - kept.
+    attention = (2 + 5) * 2 * s * s * d * heads
+    assert a.flops_per_sample - b.flops_per_sample == pytest.approx(attention * (1 - causal_kept(s, s)))
+    assert b.block_flops_fraction == pytest.approx(1.0)
+
+
+def test_grouped_query_sdpa_saves_kv_heads_and_no_scores():
+    from parallelnn.advise.predict import stats_from_meta
+
+    s = 64
+    grouped, dtype = _Attention.build(True, kv_heads=2)
+    stats = stats_from_meta(grouped, (1, s, 32), input_dtype=dtype, compute_dtype="bf16")
+    # Saved, at 2 bytes: x (s x 32), q (s x 32), k and v at 2 heads (s x 16 each, one s x 32 storage), the
+    # output (s x 32), logsumexp (4 heads x s, as fp32 scaled to 2 bytes), the kernel's random seed and offset
+    # (two int64); no 4 x s x s scores (32 KB).
+    assert stats.activation_bytes_per_sample == pytest.approx(2 * (4 * s * 32 + 4 * s) + 16)
+
+
+def test_memory_bound_traffic_of_a_linear_relu_block_on_the_meta_device():
+    import torch
+    from torch import nn
+
+    from parallelnn.advise.predict import stats_from_meta
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU())])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    stats = stats_from_meta(Model, (2, 16), input_dtype=torch.float32, compute_dtype="bf16")
+    # Bytes at bf16 for a batch of 2 x 16 (64 bytes a tensor); the matmuls (addmm, mm) are FLOPs, not bytes.
+    # Forward: relu reads and writes 64 + 64; the loss's sum reads 64, writes a 2-byte scalar.
+    # Backward: ones_like of the scalar 2 + 2; threshold_backward reads the (broadcast scalar) gradient 2 and the
+    # relu output 64, writes 64; the bias gradient's sum reads 64, writes 16 x 2 bytes.
+    forward, backward = 128 + 66, 4 + 130 + 96
+    assert stats.nonmatmul_bytes_per_sample == pytest.approx((forward + backward) / 2)
+    assert stats.nonmatmul_block_forward_bytes_per_sample == pytest.approx(128 / 2)  # relu: the block's forward
