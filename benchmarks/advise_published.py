@@ -41,19 +41,23 @@ from parallelnn.parallel import Layout  # noqa: E402
 # A100-SXM4 (NVIDIA A100 datasheet): 312 TFLOP/s dense bf16/fp16. NVLink 3 via NVSwitch: 600 GB/s
 # bidirectional = 300 GB/s per direction nameplate; NCCL-achievable taken at the H100 preset's ratio
 # (370 of 450 GB/s), 245 GB/s. Each node's NICs (nameplate / 8 per GPU) at the IB preset's 90% (45 of 50).
-# matmul efficiency 0.55 and hop latencies (2 us NVLink, 5 us network) as the H100 preset states them.
+# Hop latencies (2 us NVLink, 5 us network) as the H100 preset states them. GEMM efficiency 0.87: the Maximum
+# Achievable Matmul FLOPS of an A100 SXM, 271.2 of 312 TFLOP/s bf16 (stas00/ml-engineering,
+# compute/accelerator/README.md, MAMF table), as the presets take it.
 A100_SXM = "gpus_per_node=8,bf16_tflops=312,fp16_tflops=312,fp32_tflops=19.5,tf32_tflops=156,intra_gbps=245," \
-           "intra_latency_us=2,inter_latency_us=5,efficiency=0.55,nics_per_node=8"
+           "intra_latency_us=2,inter_latency_us=5,efficiency=0.87,nics_per_node=8"
 # Selene (DGX A100 80GB): 8 x 200 Gb/s HDR InfiniBand per node (Narayanan et al. 2021, section 5) = 25 GB/s
-# per GPU nameplate.
-SELENE = A100_SXM + ",memory_gb=80,inter_gbps=22.5"
+# per GPU nameplate. HBM2e 2,039 GB/s (A100 80GB SXM datasheet).
+SELENE = A100_SXM + ",memory_gb=80,inter_gbps=22.5,memory_gbps=2039"
 # MosaicML's A100 40GB nodes: "1600 Gbps node-node interconnect (RoCE)" (llm-foundry benchmarking README) =
-# 200 GB/s per node = 25 GB/s per GPU nameplate.
-MOSAIC_A100_40 = A100_SXM + ",memory_gb=40,inter_gbps=22.5"
+# 200 GB/s per node = 25 GB/s per GPU nameplate. HBM2 1,555 GB/s (A100 40GB SXM datasheet).
+MOSAIC_A100_40 = A100_SXM + ",memory_gb=40,inter_gbps=22.5,memory_gbps=1555"
 # torchtitan's Grand Teton H100 hosts: 8 H100 on NVLink, "400 Gb/s per GPU" RDMA (docs/performance.md) = the
-# 2x8xH100-ib preset's figures (50 GB/s nameplate, 45 achievable), 96 GB HBM2e.
+# 2x8xH100-ib preset's figures (50 GB/s nameplate, 45 achievable), 96 GB HBM2e; GEMM efficiency and HBM3
+# bandwidth as the H100 preset (0.80, 3.35 TB/s).
 H100_IB = "gpus_per_node=8,bf16_tflops=989.4,fp16_tflops=989.4,fp32_tflops=66.9,tf32_tflops=494.7,memory_gb=80," \
-          "intra_gbps=370,intra_latency_us=2,inter_gbps=45,inter_latency_us=5,efficiency=0.55,nics_per_node=8"
+          "intra_gbps=370,intra_latency_us=2,inter_gbps=45,inter_latency_us=5,efficiency=0.80,nics_per_node=8," \
+          "memory_gbps=3350"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ class Row:
 
 
 # -- models: (family, hidden, layers, heads, vocab[, ffn, kv heads]) -----------------------------------------
+# GPT-2 family, as each source ran it (see build()): the GELU is exact (erf) in both (Megatron-LM's default
+# bias-GELU; MPT's nn.GELU(approximate="none"), transformers models/mpt/modeling_mpt.py), not GPT-2's tanh
+# "gelu_new" written as eight elementwise ops; Megatron (2021) computed attention as matmuls and a fused softmax
+# over the s x s scores (no flash attention then: "eager"), with dropout 0.1 (Megatron-LM's hidden and attention
+# dropout defaults); MPT runs flash attention (attn_impl "flash"/"triton": "sdpa" here) without dropout
+# (MptConfig: attn_pdrop = resid_pdrop = emb_pdrop = 0).
+MEGATRON_MODELS = ("gpt-1.7b", "gpt-3.6b", "gpt-7.5b", "gpt-18.4b")
 MODELS = {
     # Megatron GPT (Narayanan et al. 2021, Table 1): V = 51,200, s = 2048, 4h MLP, learned positions.
     "gpt-1.7b": ("gpt2", 2304, 24, 24, 51200), "gpt-3.6b": ("gpt2", 3072, 30, 32, 51200),
@@ -147,8 +158,11 @@ def build(name: str, seq: int):
     if family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        megatron = name in MEGATRON_MODELS
+        dropout = 0.1 if megatron else 0.0
         config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=seq,
-                            attn_implementation="sdpa")
+                            activation_function="gelu", resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                            attn_implementation="eager" if megatron else "sdpa")
         return lambda: GPT2LMHeadModel(config)
     from transformers import LlamaConfig, LlamaForCausalLM
 
