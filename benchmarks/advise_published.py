@@ -41,11 +41,10 @@ from parallelnn.parallel import Layout  # noqa: E402
 # A100-SXM4 (NVIDIA A100 datasheet): 312 TFLOP/s dense bf16/fp16. NVLink 3 via NVSwitch: 600 GB/s
 # bidirectional = 300 GB/s per direction nameplate; NCCL-achievable taken at the H100 preset's ratio
 # (370 of 450 GB/s), 245 GB/s. Each node's NICs (nameplate / 8 per GPU) at the IB preset's 90% (45 of 50).
-# Hop latencies (2 us NVLink, 5 us network) as the H100 preset states them. GEMM efficiency 0.87: the Maximum
-# Achievable Matmul FLOPS of an A100 SXM, 271.2 of 312 TFLOP/s bf16 (stas00/ml-engineering,
-# compute/accelerator/README.md, MAMF table), as the presets take it.
+# Hop latencies (2 us NVLink, 5 us network) as the H100 preset states them. GEMM efficiency 0.70, as the presets
+# take it (sustained large GEMMs; the searched best for an A100 SXM, 271.2 of 312 TFLOP/s, is a ceiling).
 A100_SXM = "gpus_per_node=8,bf16_tflops=312,fp16_tflops=312,fp32_tflops=19.5,tf32_tflops=156,intra_gbps=245," \
-           "intra_latency_us=2,inter_latency_us=5,efficiency=0.87,nics_per_node=8"
+           "intra_latency_us=2,inter_latency_us=5,efficiency=0.70,nics_per_node=8"
 # Selene (DGX A100 80GB): 8 x 200 Gb/s HDR InfiniBand per node (Narayanan et al. 2021, section 5) = 25 GB/s
 # per GPU nameplate. HBM2e 2,039 GB/s (A100 80GB SXM datasheet).
 SELENE = A100_SXM + ",memory_gb=80,inter_gbps=22.5,memory_gbps=2039"
@@ -54,9 +53,9 @@ SELENE = A100_SXM + ",memory_gb=80,inter_gbps=22.5,memory_gbps=2039"
 MOSAIC_A100_40 = A100_SXM + ",memory_gb=40,inter_gbps=22.5,memory_gbps=1555"
 # torchtitan's Grand Teton H100 hosts: 8 H100 on NVLink, "400 Gb/s per GPU" RDMA (docs/performance.md) = the
 # 2x8xH100-ib preset's figures (50 GB/s nameplate, 45 achievable), 96 GB HBM2e; GEMM efficiency and HBM3
-# bandwidth as the H100 preset (0.80, 3.35 TB/s).
+# bandwidth as the H100 preset (0.70, 3.35 TB/s).
 H100_IB = "gpus_per_node=8,bf16_tflops=989.4,fp16_tflops=989.4,fp32_tflops=66.9,tf32_tflops=494.7,memory_gb=80," \
-          "intra_gbps=370,intra_latency_us=2,inter_gbps=45,inter_latency_us=5,efficiency=0.80,nics_per_node=8," \
+          "intra_gbps=370,intra_latency_us=2,inter_gbps=45,inter_latency_us=5,efficiency=0.70,nics_per_node=8," \
           "memory_gbps=3350"
 
 

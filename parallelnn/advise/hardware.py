@@ -95,7 +95,7 @@ def _h100(nodes: int, inter: Link, name: str, inter_note: str, nics: int = 1) ->
         name=name, device_type="cuda",
         peak_flops={"fp32": 66.9 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T},
         memory_bytes=int(80 * G), devices_per_node=8,
-        intra=Link(370 * G, 2 * US), inter=inter, matmul_efficiency=0.80, max_devices=8 * nodes,
+        intra=Link(370 * G, 2 * US), inter=inter, matmul_efficiency=0.70, max_devices=8 * nodes,
         memory_bandwidth=3.35 * T,
         notes=("H100 SXM5: dense peaks from NVIDIA's H100 datasheet (989 TFLOP/s bf16/fp16 without sparsity, "
                "495 tf32, 67 fp32); 80 GB HBM3 taken as 80e9 bytes usable (nvidia-smi shows 81,559 MiB; the "
@@ -103,9 +103,9 @@ def _h100(nodes: int, inter: Link, name: str, inter_note: str, nics: int = 1) ->
                "nameplate; 370 GB/s effective after NCCL's protocol overhead (NCCL maintainer, "
                "NVIDIA/nccl-tests#212), used for ring collectives; NVLink SHARP all-reduce can reach ~480 GB/s "
                "bus bandwidth, not assumed. 2 us per ring hop. HBM3 3.35 TB/s (datasheet) for the memory-bound "
-               "non-matmul work. matmul_efficiency 0.80: the GEMM rate, the Maximum Achievable Matmul FLOPS of "
-               "an H100 SXM, 794.5 of 989 TFLOP/s bf16 (stas00/ml-engineering, compute/accelerator/README.md, "
-               "MAMF table; a brute-force best over shapes, so a ceiling). "
+               "non-matmul work. matmul_efficiency 0.70: the sustained rate of large bf16 GEMMs in training, 60-75% of "
+               "peak (the best shape found by search reaches 80%, 794.5 of 989 TFLOP/s: stas00/ml-engineering, "
+               "compute/accelerator/README.md, MAMF table; a ceiling, not what training's shapes hold). "
                + inter_note), nics_per_node=nics)
 
 
@@ -119,7 +119,7 @@ def _presets() -> dict[str, Hardware]:
         name="8xA100-pcie", device_type="cuda",
         peak_flops={"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T},
         memory_bytes=int(80 * G), devices_per_node=8,
-        intra=Link(12 * G, 5 * US), inter=Link(12 * G, 5 * US), matmul_efficiency=0.81, max_devices=8,
+        intra=Link(12 * G, 5 * US), inter=Link(12 * G, 5 * US), matmul_efficiency=0.70, max_devices=8,
         memory_bandwidth=1.935 * T,
         notes=("A100 80GB PCIe: dense peaks from NVIDIA's A100 datasheet (312 TFLOP/s bf16/fp16, 156 tf32, 19.5 "
                "fp32); 80e9 bytes usable. No NVLink: GPUs talk over PCIe 4.0 x16 (32 GB/s per direction "
@@ -127,9 +127,9 @@ def _presets() -> dict[str, Hardware]:
                "bandwidth: on PCIe systems the CPUs' root complexes and memory bound it (NVIDIA/nccl#1639), and "
                "8-GPU PCIe servers report 10-25 GB/s depending on switches and sockets. 5 us per hop. "
                "HBM2e 1,935 GB/s (A100 80GB PCIe datasheet) for the memory-bound non-matmul work. "
-               "matmul_efficiency 0.81: the GEMM rate, the Maximum Achievable Matmul FLOPS of an A100 PCIe, 252.9 "
-               "of 312 TFLOP/s bf16 (stas00/ml-engineering, compute/accelerator/README.md, MAMF table; a "
-               "brute-force best over shapes, so a ceiling). One node: no inter-node link (inter = intra)."))
+               "matmul_efficiency 0.70: sustained large-GEMM rate, as for the H100 (the searched best, 252.9 of "
+               "312 TFLOP/s = 0.81, is a ceiling: stas00/ml-engineering MAMF table). "
+               "One node: no inter-node link (inter = intra)."))
     v100 = Hardware(
         name="4x8xV100-ib1", device_type="cuda",
         # No bf16 or tf32 tensor cores on Volta: those dtypes run at (at best) fp32 rates.
@@ -163,9 +163,9 @@ CUSTOM_KEYS = {
 REQUIRED = ("gpus_per_node", "memory_gb", "intra_gbps")
 DEFAULT_LATENCY_US = {"intra_latency_us": 5.0, "inter_latency_us": 10.0}
 DEFAULT_EFFICIENCY = 0.5
-#: With ``memory_gbps`` the efficiency is a GEMM rate: 0.8, the Maximum Achievable Matmul FLOPS of A100 / H100 SXM
-#: (80-87% of peak, stas00/ml-engineering compute/accelerator/README.md); without, a whole-step rate (0.5).
-DEFAULT_GEMM_EFFICIENCY = 0.8
+#: With ``memory_gbps`` the efficiency is a sustained GEMM rate, 0.7 (large GEMMs hold 60-75% of peak; the best
+#: shape found by search, 80-87%, is a ceiling: stas00/ml-engineering MAMF table); without, a whole-step rate (0.5).
+DEFAULT_GEMM_EFFICIENCY = 0.7
 
 
 def _custom_figures(text: str) -> dict[str, float]:
