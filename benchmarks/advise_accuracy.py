@@ -5,9 +5,12 @@ then run for real (a short trial, measured after warm-up), and the two are compa
     python benchmarks/advise_accuracy.py --workloads mnist --nproc-max 2
     python benchmarks/advise_accuracy.py --extrapolate            # calibrate with 1 process, predict 2 (and 4, apart)
 
-Prints, per workload, predicted vs measured step time and memory per rank (the tensor bytes each trial's
-largest rank held) with their errors; then the median and p90 of the step-time errors, the memory errors,
-Kendall's tau between the predicted and the measured ranking, and whether advise's recommendation (its
+Prints, per workload, predicted vs measured step time and memory per rank with their errors. The measured
+memory is the tensor bytes each trial's largest rank held (parameters, gradients, optimizer state and the
+peak of activations saved for backward, counted with saved-tensor hooks: ``measure.TensorBytes``); on a CPU
+nothing counts FSDP's transiently gathered blocks, so the prediction compared is the same parts (its
+``buffers`` left out; ``parallelnn advise`` shows them). Then the median and p90 of the step-time errors, the
+memory errors, Kendall's tau between the predicted and the measured ranking, and whether advise's recommendation (its
 own choice of at most 8 trials) is within 5% of the best candidate measured here. Timings on a shared
 machine move: run it when the machine is quiet, and read the ratios, not single figures.
 """
@@ -66,10 +69,11 @@ def report(name: str, rows: list[advisor.Row], count: int) -> dict:
         p, t = r.prediction, r.trial
         err = (p.step_seconds - t.step_seconds) / t.step_seconds
         time_errors.append(abs(err))
-        mem = (p.memory_bytes_per_rank - t.tensor_bytes) / t.tensor_bytes if t.tensor_bytes else float("nan")
+        counted = p.memory_bytes_per_rank - p.memory_breakdown.get("buffers", 0.0)  # what the trial's count sees
+        mem = (counted - t.tensor_bytes) / t.tensor_bytes if t.tensor_bytes else float("nan")
         memory_errors.append((r.candidate.strategy, mem))
         print(f"  {r.candidate.label()[:36]:36} {p.step_seconds * 1e3:8.2f} {t.step_seconds * 1e3:8.2f} {err:+6.0%}   "
-              f"{p.memory_bytes_per_rank / 1e6:8.2f} {(t.tensor_bytes or 0) / 1e6:8.2f} {mem:+6.0%}")
+              f"{counted / 1e6:8.2f} {(t.tensor_bytes or 0) / 1e6:8.2f} {mem:+6.0%}")
     for r in rows:
         if r.trial and not r.trial.step_seconds:
             print(f"  {r.candidate.label()[:36]:36} trial failed: {r.trial.reason}")

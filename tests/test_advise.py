@@ -47,6 +47,20 @@ def test_pipeline_stages_are_timed_on_the_real_layers():
     assert found["0-6-16"] > 2 * found["6-12-16"] > 0
 
 
+def test_ballast_is_compute_without_effect(monkeypatch):
+    """The probe's ballast: an identity for values and gradients, with a third of its matrix products in the
+    forward and two thirds in the backward, in proportion to the batch."""
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(1) or real_mm(a, b))
+    layer = calibrate.Ballast(seconds_per_sample=1e-3, mm_seconds=1e-4)  # 10 products per sample
+    x = torch.randn(3, 4, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, x) and len(calls) == 10
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 4)) and len(calls) == 30
+
+
 @pytest.mark.distributed
 def test_fixed_costs_are_measured_on_a_probe_of_the_candidates_layout():
     """Two processes run each candidate's own strategy on a model of three 16-wide blocks: FSDP's hooks and

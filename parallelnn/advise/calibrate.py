@@ -169,16 +169,57 @@ PROBE_WIDTH = 16
 PROBE_WARMUP, PROBE_STEPS = 5, 12  # fixed counts: every rank must issue the same collectives
 
 
-def probe_workload(units: int, cfg):
+class _Busy(torch.autograd.Function):
+    """Identity whose forward and backward keep this rank's cores busy with ``reps`` matrix products each."""
+
+    @staticmethod
+    def forward(ctx, x, matrix, forward_reps: int, backward_reps: int):
+        for _ in range(forward_reps):
+            torch.mm(matrix, matrix)
+        ctx.matrix, ctx.reps = matrix, backward_reps
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        for _ in range(ctx.reps):
+            torch.mm(ctx.matrix, ctx.matrix)
+        return grad, None, None, None
+
+
+class Ballast(torch.nn.Module):
+    """Compute without parameters or communication: ``seconds_per_sample`` of matrix products per sample in a
+    step (a third in the forward, two thirds in the backward), so that a probe's collectives and hooks meet
+    the same competition for the cores, and the same drift between ranks, as the real model's do."""
+
+    SIZE = 96
+
+    def __init__(self, seconds_per_sample: float, mm_seconds: float):
+        super().__init__()
+        self.seconds_per_sample, self.mm_seconds = seconds_per_sample, mm_seconds
+        self.matrix = torch.ones(self.SIZE, self.SIZE)
+
+    def forward(self, x):
+        reps = self.seconds_per_sample * len(x) / self.mm_seconds if self.mm_seconds else 0.0
+        return _Busy.apply(x, self.matrix, round(reps / 3), round(2 * reps / 3))
+
+
+def mm_seconds() -> float:
+    """Seconds of one :class:`Ballast` matrix product here, with this process's threads."""
+    m = torch.ones(Ballast.SIZE, Ballast.SIZE)
+    return timed_steps(lambda: torch.mm(m, m))
+
+
+def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0):
     """A model with ``units`` blocks (Linear layers of width 16, ReLU between) and nothing else to speak of:
-    what a strategy costs on it is what it costs besides FLOPs and bytes."""
+    what a strategy costs on it is what it costs besides FLOPs and bytes. ``ballast``: seconds per sample of
+    parameter-free compute in each block (see :class:`Ballast`)."""
     from torch import nn
 
     from parallelnn.workload import Workload, complete
 
     layers: list[nn.Module] = []
     for _ in range(units):
-        layers += [nn.Linear(PROBE_WIDTH, PROBE_WIDTH), nn.ReLU()]
+        layers += [nn.Linear(PROBE_WIDTH, PROBE_WIDTH)] + ([Ballast(ballast, mm)] if ballast else []) + [nn.ReLU()]
     g = torch.Generator().manual_seed(0)
     n = max(cfg.batch_size, 2)
     x, y = torch.randn(n, PROBE_WIDTH, generator=g), torch.randint(0, PROBE_WIDTH, (n,), generator=g)
@@ -193,9 +234,11 @@ def probe_units(blocks: int, candidates) -> int:
     return max([2, blocks, *stages])
 
 
-def _probe_one(cfg, candidate, units: int, rank: int, world: int) -> float | None:
+def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float = 0.0,
+               mm: float = 0.0) -> float | None:
     """Median step seconds of ``candidate``'s strategy on the probe, less the probe's plain step; None when
-    the strategy refuses the probe (every rank decides the same, so none waits for another)."""
+    the strategy refuses the probe (every rank decides the same, so none waits for another). ``ballast``:
+    seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate."""
     from dataclasses import replace
 
     from parallelnn import parallel
@@ -205,7 +248,7 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int) -> float | Non
     from parallelnn.trainer import StopFlag
 
     ccfg = replace(cfg, **run_options(candidate))
-    workload = probe_workload(units, ccfg)
+    workload = probe_workload(units, ccfg, ballast, mm)
     try:
         strategy, layout = parallel.resolve(ccfg, world)
         strategy.check(ccfg, workload, layout)
@@ -230,20 +273,28 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int) -> float | Non
     return max(0.0, statistics.median(times[PROBE_WARMUP:]) - alone)
 
 
-def _probe(cfg, candidates, units: int, rank: int, world: int) -> dict[str, float]:
+def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],
+           passes: dict[int, tuple[float, float]]) -> dict[str, float]:
+    """Every candidate's fixed cost; under the compute load of the real model where its step was timed:
+    ``loads[label]`` (the share of a whole forward + backward a rank of that candidate computes) times the
+    pass seconds measured at its per-rank batch, spread over the probe's blocks."""
     import torch.distributed as dist
 
+    mm = mm_seconds()
     found = {}
     for c in candidates:
+        batch = cfg.batch_size // c.layout.dp
+        measured = passes.get(batch)
+        ballast = loads.get(c.label(), 0.0) * measured[0] / batch / units if measured else 0.0
         dist.barrier()
-        seconds = _probe_one(cfg, c, units, rank, world)
+        seconds = _probe_one(cfg, c, units, rank, world, ballast, mm)
         if seconds is not None:
             found[c.label()] = seconds
     return found
 
 
 def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int], stages, candidates,
-            units: int) -> None:
+            units: int, loads: dict[str, float]) -> None:
     """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
     model's steps timed while the others step too, the collectives, then the candidates' fixed costs."""
     import torch.distributed as dist
@@ -255,7 +306,8 @@ def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int],
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     steps = _time_steps(cfg, batches, stages) if cfg is not None and batches else {"steps": {}, "stages": {}}
     results = _time_collectives(rank, world)
-    fixed = _probe(cfg, candidates, units, rank, world) if cfg is not None and candidates else {}
+    fixed = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"])
+             if cfg is not None and candidates else {})
     if rank == 0:
         Path(out).write_text(json.dumps({"collectives": results, **steps, "fixed": fixed}))
     dist.destroy_process_group()
@@ -275,7 +327,7 @@ def fit(points: list[tuple[int, float]]) -> dict[str, float]:
 
 
 def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(), units: int = 2,
-          timeout: float = 300.0) -> dict[str, Any]:
+          loads: dict[str, float] | None = None, timeout: float = 300.0) -> dict[str, Any]:
     """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements. Processes still running
     after ``timeout`` seconds are ended (RuntimeError)."""
     import socket
@@ -288,7 +340,7 @@ def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        args = (world, port, out, cfg, list(batches), list(stages), list(candidates), units)
+        args = (world, port, out, cfg, list(batches), list(stages), list(candidates), units, loads or {})
         context = mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn", join=False)
         deadline = time.monotonic() + timeout
         while not context.join(timeout=1.0):

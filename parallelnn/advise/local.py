@@ -1,10 +1,14 @@
-"""This machine as a :class:`~parallelnn.advise.hardware.Hardware` the cost model can read, per process count.
+"""This machine as a :class:`~parallelnn.advise.hardware.Hardware` the cost model can read, per candidate.
 
 On a CPU, N ranks share C cores: each rank computes with C/N threads, at the rate the calibration measured
-for that thread count and the batch one compute pass handles (the per-rank batch, or a pipeline's
-microbatch); its memory is the N-th part of RAM; its "link" is gloo over loopback, fitted from measured
-all-reduces (a two-rank ring moves each byte once: ``seconds = bytes / bandwidth + 2 · latency``); and
-collectives do not hide behind compute (gloo's threads need the same cores), so ``comm_overlap`` is 0.
+for that thread count and the batch one compute pass handles (the per-rank batch; for a pipeline, its
+busiest rank's stages timed on a microbatch); the optimizer step apart, per parameter a rank updates; its
+memory is the N-th part of RAM; its links are gloo over loopback, fitted per collective kind from N real
+processes; collectives do not hide behind compute (gloo's threads need the same cores), so
+``comm_overlap`` is 0. What a step costs besides computing and moving bytes — the strategy's hooks, each
+collective call's latency in the pattern the strategy issues them, a schedule's per-microbatch work — is
+each candidate's *fixed cost*, measured on a probe model (:func:`.calibrate.probe_seconds`); the links
+then carry bandwidth only, so no latency counts twice.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class Machine:
                 by_name = not self.cfg.workload.startswith("python:")  # else: one process at a time, below
                 units = calibrate.probe_units(self.stats.blocks, group)
                 measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
-                                           group, units)
+                                           group, units, {c.label(): self._load(c) for c in group})
                 self.links[n] = calibrate.fitted(measured["collectives"])
                 calibrate.remember(f"gloo-{n}", self.links[n])
                 self._fixed(group, measured["fixed"], units)
@@ -98,6 +102,16 @@ class Machine:
                 staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
             for c in group:
                 self._stage_rate(c, global_batch, staged)
+
+    def _load(self, candidate: Candidate) -> float:
+        """The share of a whole forward + backward (at its per-rank batch) a rank of ``candidate`` computes,
+        for the probe's ballast: a tensor-parallel rank its sharded share; a pipeline none (its stages'
+        compute, bubble and transfers are modelled apart; its probe measures only the schedule's own work)."""
+        from parallelnn.advise.costs import tp_fractions
+
+        if candidate.layout.pp > 1:
+            return 0.0
+        return tp_fractions(self.stats, candidate.layout.tp)[1] if candidate.layout.tp > 1 else 1.0
 
     def _pipeline_ranks(self, candidate: Candidate) -> list[dict] | None:
         from parallelnn.parallel.pipeline import VIRTUAL, stage_shares
