@@ -219,7 +219,8 @@ def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0):
 
     layers: list[nn.Module] = []
     for _ in range(units):
-        layers += [nn.Linear(PROBE_WIDTH, PROBE_WIDTH)] + ([Ballast(ballast, mm)] if ballast else []) + [nn.ReLU()]
+        # Ballast first: a block's output is then its Linear's (FSDP warns of a module returning a view).
+        layers += ([Ballast(ballast, mm)] if ballast else []) + [nn.Linear(PROBE_WIDTH, PROBE_WIDTH), nn.ReLU()]
     g = torch.Generator().manual_seed(0)
     n = max(cfg.batch_size, 2)
     x, y = torch.randn(n, PROBE_WIDTH, generator=g), torch.randint(0, PROBE_WIDTH, (n,), generator=g)
