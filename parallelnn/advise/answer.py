@@ -62,11 +62,12 @@ def reason_sentence(best, rows, batch: int) -> str:
     p = rival.prediction
     cost = ""
     if p is not None and p.step_seconds > 0:
-        parts = [(p.exposed_comm_seconds, "communication"), (p.bubble_seconds, "pipeline bubble")]
+        parts = [(p.exposed_comm_seconds + p.fixed_seconds, "communication and per-step framework work (collective "
+                  "calls, hooks)"), (p.bubble_seconds, "pipeline bubble")]
         seconds, what = max(parts)
         if seconds > 0:
-            cost = (f"; each {rival.candidate.label()} step exposes {seconds * 1e3:.1f} ms of {what}, "
-                    f"{seconds / p.step_seconds:.0%} of its predicted step")
+            cost = (f"; its compute alone takes {p.compute_seconds * 1e3:.1f} ms a step, and {what} add "
+                    f"{seconds * 1e3:.1f} ms, {seconds / p.step_seconds:.0%} of its predicted step")
     ratio = rate / rival.trial.samples_per_second
     return (f"{head}, {ratio:.2f}x the next best strategy, {rival.candidate.label()} "
             f"({rival.trial.samples_per_second:,.0f} samples/s){cost}")
