@@ -47,15 +47,18 @@ from parallelnn.launch import agree, gather
 from parallelnn.record import METRICS, atomic_write_json, sha256_file
 from parallelnn.safeio import UnsafeCheckpoint, dcp_load, join_tensors, split_tensors
 
-try:
-    from torch.distributed.checkpoint.api import CheckpointException
-except ImportError:  # pragma: no cover - torch without DCP
-    class CheckpointException(BaseException):
-        pass
 
-# What a failed write raises: OSError, RuntimeError (torch.save), SafetensorError, and DCP's
-# CheckpointException, which is a BaseException. Not KeyboardInterrupt or SystemExit.
-WRITE_ERRORS = (Exception, CheckpointException)
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, RuntimeError (torch.save), SafetensorError, and DCP's
+    CheckpointException, which is a BaseException. Not KeyboardInterrupt or SystemExit. DCP is imported only
+    by a run that checkpoints (0.6 s of every process's start otherwise): if it is not loaded, nothing raised
+    its exception."""
+    import sys
+
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return (Exception, api.CheckpointException) if api is not None else (Exception,)
+
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer.json"
@@ -381,13 +384,13 @@ class Checkpointer:
                     raise FileExistsError(f"{final} holds another run's checkpoint; not replaced")
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
-            except WRITE_ERRORS as err:
+            except write_errors() as err:
                 ok, why = False, _why(err)
         ok, why = self._all_ok(ok, why)  # also: no rank writes before the folder is there
         if ok:
             try:
                 self._write(partial, step, extra)
-            except WRITE_ERRORS as err:  # every failure to write is survivable
+            except write_errors() as err:  # every failure to write is survivable
                 ok, why = False, _why(err)
         ok, why = self._all_ok(ok, why)
         if ok and self.ctx.is_main:
@@ -399,7 +402,7 @@ class Checkpointer:
                     "run": self.identity(), "files": files})
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(partial, final)
-            except WRITE_ERRORS as err:
+            except write_errors() as err:
                 ok, why = False, _why(err)
         if not ok and self.ctx.is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -535,7 +538,7 @@ class Checkpointer:
                 optim = join_tensors({k: saved_tree[k] for k in tree}, target["optim"])
                 ModelOptimizerState(self.engine, full=False).load_state_dict({"model": target["model"],
                                                                               "optim": optim})
-        except (UnsafeCheckpoint, CheckpointException, KeyError, ValueError, RuntimeError) as err:
+        except (UnsafeCheckpoint, *write_errors()[1:], KeyError, ValueError, RuntimeError) as err:
             cause = _unwrap(err)
             if isinstance(cause, UnsafeCheckpoint):
                 raise UserError(f"checkpoint {path}: {cause}") from None
