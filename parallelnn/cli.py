@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         # command speaks for itself in one line. Ranks it spawns keep torch's default.
         os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
         os.environ[QUIET_CPP_ENV] = "1"
+    from parallelnn.launch import keep_freed_memory
+
+    keep_freed_memory()  # before any thread exists (mallopt is not thread-safe; see there)
     try:
         ns = build_parser(_help_workload(argv)).parse_args(argv)
         if not getattr(ns, "handler", None):

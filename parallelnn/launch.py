@@ -179,6 +179,9 @@ def set_threads(threads: int | None, local_world_size: int) -> int:
     return n
 
 
+_MALLOC_SET: bool | None = None
+
+
 def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 << 20) -> bool:
     """Let glibc's malloc reuse freed activation buffers instead of returning them to the kernel.
 
@@ -186,7 +189,14 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 
     gives it back on free, so each training step pays page faults to re-zero its activations: on the
     MNIST CNN that is ~40% of CPU step time (measured, benchmarks/mnist_cpu.py). Raising the mmap and
     trim thresholds keeps those pages in the process, as jemalloc or tcmalloc would. No-op elsewhere.
+
+    Once per process: ``mallopt`` is not thread-safe (glibc manual: MT-Unsafe), so the command line calls
+    this first thing, before torch's thread pools, gloo's or the watchdog's threads exist; later calls
+    change nothing.
     """
+    global _MALLOC_SET
+    if _MALLOC_SET is not None:
+        return _MALLOC_SET
     import ctypes
     import ctypes.util
 
@@ -194,9 +204,11 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
+        _MALLOC_SET = False
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    _MALLOC_SET = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    return _MALLOC_SET
 
 
 def init(cfg, device_name: str, needs_group: bool) -> Context:
