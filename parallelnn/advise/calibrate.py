@@ -4,8 +4,7 @@
   at the thread counts and per-pass batch sizes the candidates will use (a rank of an N-process job on C
   cores gets C/N threads), after warm-up; the rate is the counted FLOPs over the median step.
 * Communication: all-reduce, all-gather, reduce-scatter and send/recv of 4 KiB..8 MiB between N real
-  processes on this backend, each fitted to ``seconds = latency + bytes / bandwidth`` (least squares), and
-  cached per machine in ``$PARALLELNN_CACHE/collectives.json``.
+  processes on this backend, each fitted to ``seconds = latency + bytes / bandwidth`` (least squares).
 * Fixed costs per step (:func:`probe_seconds`): what a strategy costs a step *besides* computing and moving
   bytes — its framework's hooks, the latency of every collective call in the pattern the strategy really
   issues them (a ring's ranks arriving as their compute ends, not after a barrier), a pipeline schedule's
@@ -15,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from parallelnn import measure
 from parallelnn.parallel.engine import Engine
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]
@@ -57,25 +56,32 @@ def timed_steps(step) -> float:
     return statistics.median(times)
 
 
-def step_seconds(workload, cfg, threads: int, batch: int) -> tuple[float, float]:
-    """(forward + backward, optimizer) median seconds of a training step of ``batch`` samples with ``threads``
-    threads, one process (with glibc's malloc kept from returning activation buffers to the kernel, as
-    training processes do). Apart, because a pipeline runs the first per microbatch and the second once a
-    step, and a sharded rank updates only its share of the parameters."""
+@contextlib.contextmanager
+def _threads(threads: int):
+    """Compute with ``threads`` threads meanwhile, with glibc's malloc kept from returning activation buffers
+    to the kernel, as training processes do."""
     from parallelnn.launch import keep_freed_memory
 
     keep_freed_memory()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def step_seconds(workload, cfg, threads: int, batch: int) -> tuple[float, float]:
+    """(forward + backward, optimizer) median seconds of a training step of ``batch`` samples with ``threads``
+    threads, one process. Apart, because a pipeline runs the first per microbatch and the second once a
+    step, and a sharded rank updates only its share of the parameters."""
     model = copy.deepcopy(workload.model)
     engine = Engine(model, workload, cfg, torch.device("cpu"), total_steps=4 * MOST_STEPS)
     sample = workload.train.head(min(batch, len(workload.train)))
     x, y = sample.prepare(sample.inputs), sample.targets
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         whole = timed_steps(lambda: engine.train_step(x, y, 1.0 / len(x)))
         update = timed_steps(engine._step_optimizer)  # the gradients of the last step, applied again
-    finally:
-        torch.set_num_threads(before)
     return max(whole - update, whole / 100), update
 
 
@@ -83,15 +89,10 @@ def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: in
     """Forward + backward seconds of pipeline stages, each (first layer, end layer, microbatch) of the model's
     pipeline layers, median once warm (the last stage's loss included): what a pipeline rank computes per
     microbatch. Keyed ``"a-b-batch"``."""
-    from parallelnn.launch import keep_freed_memory
-
-    keep_freed_memory()
     model = copy.deepcopy(workload.model)
     layers = workload.layers(model)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     found = {}
-    try:
+    with _threads(threads):
         for a, b, batch in stages:
             sample = workload.train.head(min(batch, len(workload.train)))
             x, y = sample.prepare(sample.inputs), sample.targets
@@ -110,13 +111,7 @@ def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: in
                     out.backward(torch.ones_like(out))
 
             found[f"{a}-{b}-{batch}"] = timed_steps(step)
-    finally:
-        torch.set_num_threads(before)
     return found
-
-
-def _cache() -> Path:
-    return measure._cache_file().with_name("collectives.json")
 
 
 def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]]]:
@@ -160,7 +155,8 @@ def _time_steps(cfg, batches: list[int], stages: list[tuple[int, int, int]]) -> 
         dist.barrier()
         seconds[batch] = step_seconds(workload, cfg, torch.get_num_threads(), batch)
     dist.barrier()
-    return {"steps": seconds, "stages": stage_seconds(workload, cfg, stages, torch.get_num_threads()) if stages else {}}
+    staged = stage_seconds(workload, cfg, stages, torch.get_num_threads()) if stages else {}
+    return {"steps": seconds, "stages": staged}
 
 
 # -- fixed costs per step, measured on a probe ------------------------------------------------------------
@@ -275,7 +271,7 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
 
 
 def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],
-           passes: dict[int, tuple[float, float]]) -> dict[str, float]:
+                  passes: dict[int, tuple[float, float]]) -> dict[str, float]:
     """Every candidate's fixed cost; under the compute load of the real model where its step was timed:
     ``loads[label]`` (the share of a whole forward + backward a rank of that candidate computes) times the
     pass seconds measured at its per-rank batch, spread over the probe's blocks."""
@@ -356,25 +352,6 @@ def fitted(raw: dict[str, list]) -> dict[str, dict[str, Any]]:
     return {kind: {**fit(points), "points": points} for kind, points in raw.items()}
 
 
-def collectives(world: int = 2, refresh: bool = False) -> dict[str, dict[str, float]]:
-    """{kind: {latency, bandwidth}} of gloo collectives among ``world`` processes here (cached per machine)."""
-    key = f"gloo-{world}"
-    cache = _cache()
-    stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in stored or refresh:
-        stored[key] = fitted(spawn(world)["collectives"])
-        remember(key, stored[key])
-    return stored[key]
-
-
-def remember(key: str, value: Any) -> None:
-    cache = _cache()
-    stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    stored[key] = value
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(stored, indent=1))
-
-
 def loopback(world: int) -> dict[str, dict[str, float]]:
     """Without other processes: the loopback transport gloo uses (TCP through the kernel), timed in this
     process between two sockets, as the collectives' link (every kind the same; a ring of ``world`` moves
@@ -408,8 +385,3 @@ def loopback(world: int) -> dict[str, dict[str, float]]:
     one = fit(points)
     # A two-rank all-reduce is a send each way at once: the fitted one-way figures, as all_reduce's fit.
     return {kind: dict(one) for kind in KINDS}
-
-
-def describe(fitted: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v['latency'] * 1e6:.0f} µs + {v['bandwidth'] / 1e9:.2f} GB/s"
-                     for k, v in fitted.items())

@@ -87,7 +87,6 @@ class Machine:
                 measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
                                            group, units, {c.label(): self._load(c) for c in group})
                 self.links[n] = calibrate.fitted(measured["collectives"])
-                calibrate.remember(f"gloo-{n}", self.links[n])
                 self._fixed(group, measured["fixed"], units)
                 steps = {int(b): tuple(v) for b, v in measured["steps"].items()}
                 staged = measured["stages"]
