@@ -369,7 +369,8 @@ class CommProbe:
 class TensorBytes:
     """What one rank's tensors hold during a training step, by kind: parameters, gradients, optimizer state
     (each this rank's local shards), and the peak of activations saved for backward during one step (the
-    input batch is data, not an activation: a layer that saves its input saves a view of the loader's data).
+    batch, inputs and targets, is data, not an activation: a layer or a loss that saves it saves a view of the
+    loader's data).
 
     The activation peak is counted with ``torch.autograd.graph.saved_tensors_hooks`` on one step: each
     saved tensor's storage counts once while any saved tensor still uses it (a weak reference notices its
@@ -395,8 +396,8 @@ class TensorBytes:
 
     def start(self, parameters=()) -> None:
         """Count from now on (``parameters``: tensors whose storage is not an activation: the parameters and
-        the input batch)."""
-        self._params = {_storage_ptr(p) for p in parameters}
+        the batch; anything else in it is ignored)."""
+        self._params = {_storage_ptr(p) for p in parameters if isinstance(p, torch.Tensor)}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
 

@@ -307,7 +307,7 @@ class Trainer:
             if self.comm_probe:
                 self.comm_probe.before_step(s.global_step + 1)
             self._at(Phase.STEP)
-            self.tensor_bytes.before_step(s.global_step + 1, [*engine.parameters(), x])  # x: data, not activation
+            self.tensor_bytes.before_step(s.global_step + 1, [*engine.parameters(), x, y])  # the batch: data
             loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
             self.tensor_bytes.after_step(s.global_step + 1, engine)
             if self.comm_probe:

@@ -25,12 +25,12 @@ def _params(module: nn.Module) -> int:
 def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, opens: list[nn.Module] = (),
                            closes: list[nn.Module] = ()) -> tuple[int, int]:
     """(peak bytes of tensors autograd keeps for backward during one forward + backward of ``(x, y)``, not
-    counting parameters or the input batch; of those, the bytes first saved between the output of an ``opens``
+    counting parameters or the batch; of those, the bytes first saved between the output of an ``opens``
     module and the output of a ``closes`` module: a tensor-parallel pair's sharded activations)."""
     probe = measure.TensorBytes(step=1)
     handles = [m.register_forward_hook(lambda *_: setattr(probe, "region", 1)) for m in opens]
     handles += [m.register_forward_hook(lambda *_: setattr(probe, "region", 0)) for m in closes]
-    probe.start([*model.parameters(), x])  # the input batch is data, as the trainer's count takes it
+    probe.start([*model.parameters(), x, y])  # the batch is data, as the trainer's count takes it
     try:
         loss(model(x), y).backward()
     finally:
@@ -42,11 +42,8 @@ def saved_activation_bytes(model: nn.Module, loss, x: torch.Tensor, y: torch.Ten
 
 
 def _batch(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of its own, as the loaders give (a copy): a view into the whole split would count the split's
-    storage as a saved activation wherever the first layer saves its input."""
     sample = split.head(min(n, len(split)))
-    x, y = sample.prepare(sample.inputs), sample.targets
-    return (x.clone(), y.clone() if isinstance(y, torch.Tensor) else y)
+    return sample.prepare(sample.inputs), sample.targets
 
 
 def _output_bytes(modules: list[nn.Module], run) -> list[int]:
@@ -101,7 +98,7 @@ def _saved_by_layer(workload, model: nn.Module, layers: list[nn.Module], x: torc
     """Bytes first saved for backward in each layer (the loss's go to the last), one forward + backward."""
     probe = measure.TensorBytes(step=1)
     handles = [m.register_forward_pre_hook(lambda *_, i=i: setattr(probe, "region", i)) for i, m in enumerate(layers)]
-    probe.start([*model.parameters(), x])  # the input batch is data, as the trainer's count takes it
+    probe.start([*model.parameters(), x, y])  # the batch is data, as the trainer's count takes it
     try:
         h = x
         for layer in layers:
