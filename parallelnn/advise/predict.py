@@ -231,7 +231,21 @@ def _attention_arg(func, args, kwargs, name: str, default):
     return default
 
 
+def _op_bytes(name: str, ins: list, outs: list, itemsize: int) -> float:
+    """Bytes memory-bound op ``name`` reads and writes, given its tensor inputs and outputs."""
+    size = lambda ts: sum(_nbytes(t, itemsize) for t in ts)  # noqa: E731
+    if name == "embedding":  # reads the rows it gathers, not the table
+        return size(ins[1:]) + 2 * size(outs)
+    if name == "nll_loss_forward":  # reads one log-probability per target
+        return size(ins[1:]) + ins[1].numel() * itemsize + size(outs)
+    if name == "nll_loss_backward":  # writes the gradient (zeroed, one entry per target set)
+        return size(ins[:1] + ins[2:3]) + size(outs)
+    return size(ins) + size(outs)
+
+
 def _traffic_mode():
+    import contextlib
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Traffic(TorchDispatchMode):
@@ -265,7 +279,7 @@ def _traffic_mode():
                 return out
             ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            moved = self._moved(name, ins, outs)
+            moved = _op_bytes(name, ins, outs, self.itemsize)
             self.total += moved
             if not self.backward:
                 self.forward += moved
@@ -275,15 +289,14 @@ def _traffic_mode():
                         self.block_forward_sharded += moved
             return out
 
-        def _moved(self, name, ins, outs) -> float:
-            size = lambda ts: sum(_nbytes(t, self.itemsize) for t in ts)  # noqa: E731
-            if name == "embedding":  # reads the rows it gathers, not the table
-                return size(ins[1:]) + 2 * size(outs)
-            if name == "nll_loss_forward":  # reads one log-probability per target
-                return size(ins[1:]) + ins[1].numel() * self.itemsize + size(outs)
-            if name == "nll_loss_backward":  # writes the gradient (zeroed, one entry per target set)
-                return size(ins[:1] + ins[2:3]) + size(outs)
-            return size(ins) + size(outs)
+        @contextlib.contextmanager
+        def pausing(self):
+            """Count nothing meanwhile."""
+            before, self.paused = self.paused, True
+            try:
+                yield
+            finally:
+                self.paused = before
 
         def _attention(self, func, args, kwargs, out):
             from torch.utils.flop_counter import flop_registry
@@ -307,9 +320,7 @@ def _repeat_heads(x, rep: int, traffic):
     import torch
 
     def quiet():
-        if traffic is None:
-            return contextlib.nullcontext()
-        return _paused(traffic)
+        return contextlib.nullcontext() if traffic is None else traffic.pausing()
 
     class Repeat(torch.autograd.Function):
         @staticmethod
@@ -323,20 +334,6 @@ def _repeat_heads(x, rep: int, traffic):
                 return g.unflatten(-3, (-1, rep)).sum(-3)
 
     return Repeat.apply(x)
-
-
-def _paused(traffic):
-    import contextlib
-
-    @contextlib.contextmanager
-    def paused():
-        before, traffic.paused = traffic.paused, True
-        try:
-            yield
-        finally:
-            traffic.paused = before
-
-    return paused()
 
 
 def _fused_attention(saved: _SavedBytes | None = None, traffic=None):
