@@ -9,7 +9,7 @@
   part, within the node again.
 * What one rank holds and computes (:func:`model_state`, :func:`activation_bytes`, :func:`compute_seconds`)
   and the building blocks of each strategy's communication (:func:`ddp_sync`, :func:`fsdp_sync`,
-  :func:`tensor_parallel_comm`, :func:`pipeline_bubble`, :func:`pipeline_p2p`).
+  :func:`tensor_parallel_comm`, :func:`pipeline_p2p`; the bubble is ``parallel.pipeline.bubble``).
 * :func:`predict_step`: asks the candidate's strategy (``parallel.get(name).cost``, which each module of
   ``parallelnn/parallel`` defines from these blocks) for its :class:`StepCost`, then checks memory and batch.
 
@@ -341,11 +341,6 @@ def tensor_parallel_comm(inp: CostInputs, group: Group, samples: float) -> float
     calls = s.tp_allreduce_calls or 2 * s.layers
     passes = 3 if inp.candidate.activation_checkpointing else 2
     return passes * calls * all_reduce(inp.hw, group, s.tp_allreduce_bytes_per_sample * samples / calls)
-
-
-def pipeline_bubble(stages: int, microbatches: int, virtual: int = 1) -> float:
-    """Idle fraction of a pipeline step: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved."""
-    return (stages - 1) / (virtual * microbatches + stages - 1)
 
 
 def pipeline_p2p(inp: CostInputs, group: Group, microbatch: float, microbatches: int, virtual: int = 1) -> float:
