@@ -46,7 +46,7 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return score / len(pairs) if pairs else float("nan")
 
 
-def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path) -> list[advisor.Row]:
+def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path) -> tuple[list[advisor.Row], float | None]:
     cfg = check(RunConfig(workload=name, quiet=True))
     cfg, workload = build_workload(cfg, torch.device("cpu"), lambda m: None)
     stats = ModelStats(**model_stats(workload))
@@ -56,13 +56,21 @@ def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path) -> list[adv
     for row in rows:
         if row.feasible:
             row.trial = trials.run_trial(cfg, row.candidate, out / advisor.slug(row.candidate), 180,
-                                         len(workload.train))
-    return rows
+                                         len(workload.train), row.prediction.step_seconds)
+    # The noise floor: the first trial (the single process) once more, after all the others.
+    first = next(r for r in rows if r.trial)
+    again = trials.run_trial(cfg, first.candidate, out / "again", 180, len(workload.train),
+                             first.prediction.step_seconds)
+    return rows, again.step_seconds
 
 
-def report(name: str, rows: list[advisor.Row], count: int) -> dict:
+def report(name: str, rows: list[advisor.Row], again: float | None, count: int) -> dict:
     measured = [r for r in rows if r.trial and r.trial.step_seconds]
     print(f"\n{name}: {len(measured)} candidates measured of {len(rows)}")
+    first = next(r for r in rows if r.trial)
+    if first.trial.step_seconds and again:
+        print(f"  noise floor: {first.candidate.label()} measured {first.trial.step_seconds * 1e3:.2f} ms first and "
+              f"{again * 1e3:.2f} ms after the others ({again / first.trial.step_seconds - 1:+.0%})")
     print(f"  {'candidate':36} {'pred ms':>8} {'meas ms':>8} {'err':>6}   {'pred MB':>8} {'meas MB':>8} {'err':>6}")
     time_errors, memory_errors = [], []
     for r in sorted(measured, key=lambda r: r.trial.step_seconds):
@@ -110,8 +118,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for name in args.workloads:
-            rows = evaluate(name, args.nproc_max, not args.extrapolate, Path(tmp) / Path(name).stem)
-            results[name] = report(name, rows, args.trials)
+            rows, again = evaluate(name, args.nproc_max, not args.extrapolate, Path(tmp) / Path(name).stem)
+            results[name] = report(name, rows, again, args.trials)
     summary(results)
     print(f"({time.time() - t0:.0f} s; calibration {'with one process' if args.extrapolate else 'as advise does'})")
 

@@ -61,6 +61,44 @@ def test_ballast_is_compute_without_effect(monkeypatch):
     assert torch.equal(x.grad, torch.ones(3, 4)) and len(calls) == 30
 
 
+def test_a_pipeline_probe_subtracts_its_stages_compute_and_bubble():
+    """What a pipeline's probe step would take without fixed costs: the busiest rank's share of the ballast
+    (here 2 of 4 blocks) and 1F1B's bubble over 4 microbatches ((p-1)/m of that share); without ballast, or
+    without a pipeline, the plain step."""
+    from dataclasses import replace
+
+    from parallelnn.parallel import Layout
+
+    cfg = replace(RunConfig(workload="iris", quiet=True, batch_size=16), strategy="pipeline", schedule="1f1b",
+                  microbatches=4)
+    loaded = calibrate.probe_workload(4, cfg, ballast=1e-5, mm=1e-5)
+    assert calibrate._without_fixed(cfg, loaded, Layout(pp=2), 4, 0.010) == pytest.approx(0.010 * 0.5 * (1 + 1 / 4))
+    assert calibrate._without_fixed(cfg, calibrate.probe_workload(4, cfg), Layout(pp=2), 4, 0.010) == 0.010
+    assert calibrate._without_fixed(cfg, loaded, Layout(dp=2), 4, 0.010) == 0.010
+    # Three blocks on two stages: the busiest holds two, and the light one's microbatch is the bubble.
+    odd = calibrate.probe_workload(3, cfg, ballast=1e-5, mm=1e-5)
+    assert calibrate._without_fixed(cfg, odd, Layout(pp=2), 3, 0.009) == pytest.approx(0.006 + 0.006 / 4 * 0.5)
+
+
+def test_trials_measure_a_second_of_steps_at_least_twelve():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from parallelnn.advise import trials
+
+    assert trials.steps_to_measure(None) == trials.MEASURED_STEPS == 12
+    assert trials.steps_to_measure(0.5) == 12 and trials.steps_to_measure(0.01) == 100
+    assert trials.steps_to_measure(1e-5) == trials.MOST_MEASURED_STEPS
+
+    @given(st.floats(min_value=1e-6, max_value=100.0))
+    def within_bounds(seconds):
+        n = trials.steps_to_measure(seconds)
+        assert trials.MEASURED_STEPS <= n <= trials.MOST_MEASURED_STEPS
+        assert n * seconds >= trials.MEASURED_SECONDS or n == trials.MOST_MEASURED_STEPS
+
+    within_bounds()
+
+
 @pytest.mark.distributed
 def test_fixed_costs_are_measured_on_a_probe_of_the_candidates_layout():
     """Two processes run each candidate's own strategy on a model of three 16-wide blocks: FSDP's hooks and

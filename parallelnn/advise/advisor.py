@@ -137,8 +137,9 @@ def predict_all(rows: list[Row], machine: Machine, cfg) -> None:
 
 def trial_seconds(row: Row, n: int) -> float:
     """Wall-clock estimate of a trial: start-up (one process, or a torchrun job) and its steps."""
-    steps = trials_.WARMUP_STEPS + trials_.MEASURED_STEPS
-    return (4.0 if n == 1 else 8.0) + steps * 2 * (row.prediction.step_seconds if row.prediction else 0.1)
+    predicted = row.prediction.step_seconds if row.prediction else 0.1
+    steps = trials_.WARMUP_STEPS + trials_.steps_to_measure(predicted)
+    return (4.0 if n == 1 else 8.0) + steps * 2 * predicted
 
 
 def choose_trials(rows: list[Row], count: int, budget: float) -> list[Row]:
@@ -170,7 +171,7 @@ def run_trials(chosen: list[Row], cfg, out: Path, budget: float, train_samples: 
             continue
         timeout = max(left, trial_seconds(row, n) * 3) if i == 0 else left
         row.trial = trials_.run_trial(cfg, row.candidate, out / "trials" / slug(row.candidate), timeout,
-                                      train_samples)
+                                      train_samples, row.prediction.step_seconds)
         t = row.trial
         log(f"trial {row.candidate.label()}: " + (f"{t.samples_per_second:,.0f} samples/s ({t.step_seconds * 1e3:.1f} ms "
             f"a step; predicted {row.prediction.step_seconds * 1e3:.1f} ms)" if t.step_seconds else f"{t.reason}"))

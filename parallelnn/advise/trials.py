@@ -20,9 +20,24 @@ from parallelnn.advise.costs import Candidate
 from parallelnn.config import RunConfig, config_to_argv
 
 # Not measured: the first steps pay for allocation, kernel choice and pipeline shape inference, and every run
-# profiles steps 2-4 of a multi-rank job (the record's comm_share) and counts tensors on steps 2-3.
-WARMUP_STEPS = 4
+# profiles steps 2-4 of a multi-rank job (the record's comm_share) and counts tensors on steps 2-3; each rank
+# then summarises its profile at its own pace, so step 5 waits for the slowest (3-6x a pipeline's usual step
+# here).
+WARMUP_STEPS = 5
+# Measured: at least MEASURED_STEPS steps and, as predicted, MEASURED_SECONDS of them (at most
+# MOST_MEASURED_STEPS). Two ranks sharing two cores vary 20-30% from one step to the next here: the median of
+# 12 such steps moves by ~8% from one trial to another, of a second's worth by ~4%.
 MEASURED_STEPS = 12
+MEASURED_SECONDS = 1.0
+MOST_MEASURED_STEPS = 120
+
+
+def steps_to_measure(predicted_step_seconds: float | None) -> int:
+    """Steps a trial measures after warm-up, for a candidate predicted to take ``predicted_step_seconds``."""
+    if not predicted_step_seconds or predicted_step_seconds <= 0:
+        return MEASURED_STEPS
+    wanted = math.ceil(MEASURED_SECONDS / predicted_step_seconds)
+    return max(MEASURED_STEPS, min(MOST_MEASURED_STEPS, wanted))
 
 
 def run_options(candidate: Candidate) -> dict[str, Any]:
@@ -50,10 +65,11 @@ class Trial:
     reason: str | None = None  # why it did not give a measurement
 
 
-def trial_config(cfg: RunConfig, candidate: Candidate, out: Path, train_samples: int) -> RunConfig:
-    """The run of a trial: enough samples for the warm-up and measured steps (more epochs when the training
+def trial_config(cfg: RunConfig, candidate: Candidate, out: Path, train_samples: int,
+                 measured: int = MEASURED_STEPS) -> RunConfig:
+    """The run of a trial: enough samples for the warm-up and ``measured`` steps (more epochs when the training
     split is smaller than that), every step logged, nothing else."""
-    steps = WARMUP_STEPS + MEASURED_STEPS
+    steps = WARMUP_STEPS + measured
     limit = min(cfg.batch_size * steps, train_samples)
     epochs = math.ceil(steps / math.ceil(limit / cfg.batch_size))
     return dataclasses.replace(cfg, **run_options(candidate), limit=limit, epochs=epochs, log_every=1,
@@ -73,8 +89,10 @@ def measured_steps(out: Path) -> list[float]:
     return seconds
 
 
-def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float, train_samples: int) -> Trial:
-    tcfg = trial_config(cfg, candidate, out, train_samples)
+def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float, train_samples: int,
+              predicted_step_seconds: float | None = None) -> Trial:
+    """``candidate`` run as a trial in its own processes, measured for :func:`steps_to_measure` steps."""
+    tcfg = trial_config(cfg, candidate, out, train_samples, steps_to_measure(predicted_step_seconds))
     argv = ["run", *config_to_argv(tcfg)]
     trial = Trial(candidate, "parallelnn " + " ".join(argv))
     t0 = time.monotonic()
