@@ -162,7 +162,10 @@ def _time_steps(cfg, batches: list[int], stages: list[tuple[int, int, int]]) -> 
 # -- fixed costs per step, measured on a probe ------------------------------------------------------------
 
 PROBE_WIDTH = 16
-PROBE_WARMUP, PROBE_STEPS = 5, 12  # fixed counts: every rank must issue the same collectives
+# Steps of a probe: PROBE_WARMUP, then at least PROBE_STEPS and PROBE_SECONDS' worth as the warm-up's pace
+# says (at most MOST_STEPS), the count agreed by all ranks (each must issue the same collectives). Two ranks
+# on two cores vary 20-30% from one step to the next; the fixed cost is a difference of two such medians.
+PROBE_WARMUP, PROBE_STEPS, PROBE_SECONDS = 5, 12, 0.6
 
 
 class _Busy(torch.autograd.Function):
@@ -231,11 +234,22 @@ def probe_units(blocks: int, candidates) -> int:
     return max([2, blocks, *stages])
 
 
-def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float = 0.0,
-               mm: float = 0.0) -> float | None:
+def _agreed_steps(warm: list[float], group=None) -> int:
+    """Steps to measure after warm-up steps of ``warm`` seconds: what every rank asks for, at most."""
+    import torch.distributed as dist
+
+    pace = statistics.median(warm[1:] or warm)
+    wanted = torch.tensor([max(PROBE_STEPS, min(MOST_STEPS, int(PROBE_SECONDS / max(pace, 1e-6)) + 1))])
+    dist.all_reduce(wanted, op=dist.ReduceOp.MAX, group=group)
+    return int(wanted.item())
+
+
+def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float = 0.0, mm: float = 0.0,
+               alone: dict | None = None) -> float | None:
     """Median step seconds of ``candidate``'s strategy on the probe, less the probe's plain step; None when
     the strategy refuses the probe (every rank decides the same, so none waits for another). ``ballast``:
-    seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate."""
+    seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate.
+    ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once."""
     from dataclasses import replace
 
     from parallelnn import parallel
@@ -254,37 +268,62 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     ctx = Context(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, local_world_size=world,
                   distributed=True)
     plain = Engine(copy.deepcopy(workload.model), workload, ccfg, ctx.device, total_steps=MOST_STEPS)
-    engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + PROBE_STEPS)
+    engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + MOST_STEPS)
     per_rank = ccfg.batch_size // layout.dp
     x = workload.train.inputs[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
     y = workload.train.targets[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
     stop = StopFlag(ctx)  # the trainer agrees on stop requests every step: part of a step's fixed cost
-    times = []
-    for i in range(PROBE_WARMUP + PROBE_STEPS):
+
+    def step() -> float:
         t0 = time.perf_counter()
         engine.train_step(x, y, engine.dp_size / ccfg.batch_size)
         stop.agreed()
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    warm = [step() for _ in range(PROBE_WARMUP)]
+    times = [step() for _ in range(_agreed_steps(warm))]
     stop.drain()
-    alone = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
-    return max(0.0, statistics.median(times[PROBE_WARMUP:]) - alone)
+    key = (round(ballast, 12), len(x))
+    alone = {} if alone is None else alone
+    if key not in alone:
+        alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
+    return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key]))
+
+
+def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
+    """What the probe's step would take with no fixed cost, as the cost model puts it: its plain step; for a
+    pipeline, its busiest rank's share of the ballast and the schedule's bubble (:func:`pipeline.bubble`)."""
+    from parallelnn.parallel import pipeline
+
+    layers = workload.layers(workload.model)
+    if layout.pp < 2 or not any(isinstance(layer, Ballast) for layer in layers):
+        return alone
+    p, v = layout.pp, pipeline.VIRTUAL.get(cfg.schedule, 1)
+    bounds = pipeline.stage_bounds(cfg, workload, p * v)
+    per_stage = [sum(isinstance(layer, Ballast) for layer in layers[a:b]) / units for a, b in bounds]
+    shares = [sum(per_stage[r::p]) for r in range(p)]
+    compute = alone * max(shares)
+    m = pipeline.microbatches(cfg, cfg.batch_size // layout.dp, p * v)
+    return compute + pipeline.bubble(compute, m, v, shares)
 
 
 def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],
                   passes: dict[int, tuple[float, float]]) -> dict[str, float]:
     """Every candidate's fixed cost; under the compute load of the real model where its step was timed:
     ``loads[label]`` (the share of a whole forward + backward a rank of that candidate computes) times the
-    pass seconds measured at its per-rank batch, spread over the probe's blocks."""
+    pass seconds measured at the batch one of its passes handles (a pipeline's microbatch), spread over the
+    probe's blocks."""
     import torch.distributed as dist
 
     mm = mm_seconds()
-    found = {}
+    found: dict[str, float] = {}
+    alone: dict = {}
     for c in candidates:
-        batch = cfg.batch_size // c.layout.dp
+        batch = max(1, cfg.batch_size // c.layout.dp // (c.microbatches or 1))
         measured = passes.get(batch)
         ballast = loads.get(c.label(), 0.0) * measured[0] / batch / units if measured else 0.0
         dist.barrier()
-        seconds = _probe_one(cfg, c, units, rank, world, ballast, mm)
+        seconds = _probe_one(cfg, c, units, rank, world, ballast, mm, alone)
         if seconds is not None:
             found[c.label()] = seconds
     return found

@@ -104,12 +104,11 @@ class Machine:
 
     def _load(self, candidate: Candidate) -> float:
         """The share of a whole forward + backward (at its per-rank batch) a rank of ``candidate`` computes,
-        for the probe's ballast: a tensor-parallel rank its sharded share; a pipeline none (its stages'
-        compute, bubble and transfers are modelled apart; its probe measures only the schedule's own work)."""
+        for the probe's ballast: a tensor-parallel rank its sharded share; a pipeline the whole, which its
+        stages split (the probe then subtracts its stages' compute and bubble as the cost model puts them:
+        what is left is the schedule's own work, its sends and receives meeting busy cores)."""
         from parallelnn.advise.costs import tp_fractions
 
-        if candidate.layout.pp > 1:
-            return 0.0
         return tp_fractions(self.stats, candidate.layout.tp)[1] if candidate.layout.tp > 1 else 1.0
 
     def _pipeline_ranks(self, candidate: Candidate) -> list[dict] | None:
