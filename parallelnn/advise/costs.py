@@ -314,15 +314,18 @@ def ddp_sync(inp: CostInputs, group: Group, grad_bytes: float, overlap: float) -
     return comm, max(0.0, comm - overlap * inp.hw.comm_overlap) + min(last, comm)
 
 
-def fsdp_sync(inp: CostInputs, group: Group, param_bytes: float, grad_bytes: float, overlap: float,
+def fsdp_sync(inp: CostInputs, group: Group, parameters: float, gathered_bytes: float, overlap: float,
               gathers: float = 2.0, block_fraction: float = 1.0) -> tuple[float, float]:
-    """(comm, exposed) of ZeRO-3 / FSDP: ``gathers`` all-gathers of the parameters (forward, and again in
-    backward after resharding) and one reduce-scatter of the gradients, 3x the parameters in all; prefetch
-    overlaps them with ``overlap`` seconds of compute, except the first block's gather (``block_fraction``:
-    the part of a block a rank gathers, e.g. 1/tp of its sharded weights)."""
-    comm = gathers * all_gather(inp.hw, group, param_bytes) + reduce_scatter(inp.hw, group, grad_bytes)
-    largest = inp.stats.largest_layer_parameters * inp.stats.bytes_per_parameter * block_fraction
-    first = all_gather(inp.hw, group, min(param_bytes, largest))
+    """(comm, exposed) of ZeRO-3 / FSDP over ``parameters``: ``gathers`` all-gathers of them at
+    ``gathered_bytes`` a parameter (forward, and again in backward after resharding) and one reduce-scatter
+    of their gradients at the parameters' own dtype; prefetch overlaps them with ``overlap`` seconds of
+    compute, except the first block's gather (``block_fraction``: the part of a block a rank gathers, e.g.
+    1/tp of its sharded weights)."""
+    s = inp.stats
+    param_bytes = parameters * gathered_bytes
+    comm = gathers * all_gather(inp.hw, group, param_bytes) + reduce_scatter(inp.hw, group,
+                                                                              parameters * s.bytes_per_parameter)
+    first = all_gather(inp.hw, group, min(param_bytes, s.largest_layer_parameters * block_fraction * gathered_bytes))
     return comm, max(0.0, comm - overlap * inp.hw.comm_overlap) + min(first, comm)
 
 

@@ -103,9 +103,8 @@ def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_f
         return inner
     per = inp.stats.bytes_per_parameter
     gathered = gather_bytes_per_parameter(inp, policy)
-    # fsdp_sync sizes the exposed first gather as block_fraction of the largest block at the parameters' dtype.
-    comm, exposed = costs.fsdp_sync(inp, inp.group("dp"), held_parameters * gathered, held_parameters * per,
-                                    inner.compute_seconds, gathers, block_fraction * gathered / per)
+    comm, exposed = costs.fsdp_sync(inp, inp.group("dp"), held_parameters, gathered, inner.compute_seconds, gathers,
+                                    block_fraction)
     memory = {k: v / dp if k in ("parameters", "gradients", "optimizer") else v for k, v in inner.memory.items()}
     memory["buffers"] = memory.get("buffers", 0.0) + (costs.fsdp_buffers(inp, block_fraction) if buffers is None
                                                       else buffers)
