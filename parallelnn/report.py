@@ -374,7 +374,7 @@ def _plots(groups: list[tuple[str, list[Run]]], out: Path) -> list[tuple[str, st
     return figures
 
 
-ADVICE_COLUMNS = ("candidate", "predicted_ms", "measured_ms", "error", "memory_mb", "note")
+ADVICE_COLUMNS = ("candidate", "predicted_ms", "measured_ms", "step_iqr", "error", "memory_mb", "note")
 
 
 def _advice(sources: Sequence[Any], out: Path) -> tuple[list, list]:
@@ -391,6 +391,8 @@ def _advice(sources: Sequence[Any], out: Path) -> tuple[list, list]:
             advice = json.loads(path.read_text())
             rows = [{"candidate": c["label"], "predicted_ms": _ms(c.get("predicted_step_seconds")),
                      "measured_ms": _ms(c.get("measured_step_seconds")),
+                     "step_iqr": (f"{c['measured_step_iqr']:.0%}" if c.get("measured_step_seconds")
+                                  and c.get("measured_step_iqr") is not None else None),
                      "error": _error(c.get("predicted_step_seconds"), c.get("measured_step_seconds")),
                      "memory_mb": round(c["memory_bytes_per_rank"] / 1e6, 2) if c.get("memory_bytes_per_rank") else None,
                      "note": c.get("reason") or ((c.get("trial") or {}).get("reason") or "")}

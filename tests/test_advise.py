@@ -232,3 +232,28 @@ def test_a_1_5b_gpt_is_predicted_for_32_gpus_without_being_built(tmp_path, capsy
     assert any(r["strategy"] == "ddp" and not r["feasible"] and "needs" in r["reason"] for r in rows)
     assert advice["recommendation"]["measured_samples_per_second"] is None
     assert (out / "predicted-4x8xV100-ib1.png").stat().st_size > 10000
+
+
+def test_a_trials_spread_and_the_recommendations_noise_clause():
+    """The interquartile range of a trial's steps, over their median, goes into the advice; when the winner's
+    lead is smaller than what the two medians are known to, the sentence says so."""
+    from parallelnn.advise import trials
+    from parallelnn.advise.advisor import Row
+    from parallelnn.advise.answer import reason_sentence
+    from parallelnn.advise.costs import Candidate
+    from parallelnn.parallel import Layout
+
+    assert trials.relative_iqr([1.0, 1.0, 1.0]) == 0.0  # too few to say
+    assert trials.relative_iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.5 - 1.5) / 3.0)
+
+    def row(strategy, layout, seconds, iqr, steps=16):
+        t = trials.Trial(Candidate(strategy, layout), "", step_seconds=seconds, samples_per_second=64 / seconds,
+                         steps=steps, step_iqr=iqr)
+        return Row(t.candidate, None, trial=t)
+
+    steady = [row("single", Layout(), 0.010, 0.02), row("ddp", Layout(dp=2), 0.0105, 0.02)]
+    noisy = [row("single", Layout(), 0.010, 0.40), row("ddp", Layout(dp=2), 0.0105, 0.40)]
+    assert "noise" not in reason_sentence(steady[0], steady, 64)
+    assert trials.median_uncertainty(noisy[0].trial) == pytest.approx(0.93 * 0.40 / 4)
+    # 2 * hypot(0.093, 0.093): two standard errors of the ratio of the two medians.
+    assert "within the trials' noise: ±26% on the ratio" in reason_sentence(noisy[0], noisy, 64)

@@ -4,11 +4,13 @@ its reason in numbers, ``OUT/advice.json`` (what ``--json`` prints), a plot, and
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from parallelnn.advise.costs import ModelStats
+from parallelnn.advise.trials import median_uncertainty
 from parallelnn.record import atomic_write_json
 
 ADVICE = "advice.json"
@@ -33,6 +35,8 @@ def candidate_json(row) -> dict[str, Any]:
         "predicted_bubble_seconds": p.bubble_seconds if p else None,
         "measured_step_seconds": t.step_seconds if t else None,
         "measured_samples_per_second": t.samples_per_second if t else None,
+        "measured_steps": t.steps if t else None,
+        "measured_step_iqr": t.step_iqr if t else None,
         "measured_tensor_bytes": t.tensor_bytes if t else None,
         "measured_peak_memory_bytes": t.peak_memory_bytes if t else None,
         "trial": None if t is None else {"command": t.command, "reason": t.reason, "wall_seconds": t.wall_seconds},
@@ -69,8 +73,11 @@ def reason_sentence(best, rows, batch: int) -> str:
             cost = (f"; its compute alone takes {p.compute_seconds * 1e3:.1f} ms a step, and {what} add "
                     f"{seconds * 1e3:.1f} ms, {seconds / p.step_seconds:.0%} of its predicted step")
     ratio = rate / rival.trial.samples_per_second
+    noise = 2 * math.hypot(median_uncertainty(best.trial), median_uncertainty(rival.trial))
+    close = (f" (within the trials' noise: ±{noise:.0%} on the ratio of their medians, two standard errors; a "
+             "longer run would tell them apart)" if ratio - 1 < noise else "")
     return (f"{head}, {ratio:.2f}x the next best strategy, {rival.candidate.label()} "
-            f"({rival.trial.samples_per_second:,.0f} samples/s){cost}")
+            f"({rival.trial.samples_per_second:,.0f} samples/s){close}{cost}")
 
 
 def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
@@ -99,13 +106,14 @@ def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
 
 
 def table(advice: dict[str, Any]) -> str:
-    lines = [f"{'candidate':38} {'predicted':>10} {'measured':>10} {'error':>7} {'memory/rank':>12}  note"]
+    lines = [f"{'candidate':38} {'predicted':>10} {'measured':>10} {'IQR':>5} {'error':>7} {'memory/rank':>12}  note"]
     for c in advice["candidates"]:
         pred, meas = c["predicted_step_seconds"], c["measured_step_seconds"]
         err = f"{(pred - meas) / meas:+.0%}" if pred and meas else ""
+        iqr = f"{c['measured_step_iqr']:.0%}" if meas and c.get("measured_step_iqr") is not None else ""
         mem = f"{c['memory_bytes_per_rank'] / 1e6:,.1f} MB" if c["memory_bytes_per_rank"] else ""
         note = c["reason"] or ((c["trial"] or {}).get("reason") or "")
-        lines.append(f"{c['label'][:38]:38} {_ms(pred):>10} {_ms(meas):>10} {err:>7} {mem:>12}  {note[:70]}")
+        lines.append(f"{c['label'][:38]:38} {_ms(pred):>10} {_ms(meas):>10} {iqr:>5} {err:>7} {mem:>12}  {note[:70]}")
     return "\n".join(lines)
 
 

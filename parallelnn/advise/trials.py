@@ -57,6 +57,8 @@ class Trial:
     candidate: Candidate
     command: str
     step_seconds: float | None = None  # median of the measured steps
+    steps: int = 0  # how many were measured
+    step_iqr: float | None = None  # their interquartile range, relative to the median
     samples_per_second: float | None = None
     tensor_bytes: int | None = None  # largest rank's parameters + gradients + optimizer + saved activations
     peak_memory_bytes: int | None = None
@@ -89,6 +91,20 @@ def measured_steps(out: Path) -> list[float]:
     return seconds
 
 
+def relative_iqr(values: list[float]) -> float:
+    """Interquartile range over the median: how much a trial's steps vary (0 for fewer than 4)."""
+    if len(values) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / statistics.median(values)
+
+
+def median_uncertainty(trial: Trial) -> float:
+    """Relative standard error of a trial's median step: about 0.93 IQR / sqrt(n) (for roughly normal steps,
+    the median's error is 1.25 sigma / sqrt(n) and the IQR is 1.35 sigma)."""
+    return 0.93 * (trial.step_iqr or 0.0) / math.sqrt(trial.steps) if trial.steps else 0.0
+
+
 def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float, train_samples: int,
               predicted_step_seconds: float | None = None) -> Trial:
     """``candidate`` run as a trial in its own processes, measured for :func:`steps_to_measure` steps."""
@@ -114,6 +130,8 @@ def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float, t
         trial.reason = "no step after warm-up was measured"
         return trial
     trial.step_seconds = statistics.median(per_sample) * cfg.batch_size
+    trial.steps = len(per_sample)
+    trial.step_iqr = relative_iqr(per_sample)
     trial.samples_per_second = cfg.batch_size / trial.step_seconds
     trial.tensor_bytes = record.get("tensor_bytes")
     trial.peak_memory_bytes = record.get("peak_memory_bytes")
