@@ -5,7 +5,8 @@ then run for real (a short trial, measured after warm-up), and the two are compa
     python benchmarks/advise_accuracy.py --workloads mnist --nproc-max 2
     python benchmarks/advise_accuracy.py --extrapolate            # calibrate with 1 process, predict 2 (and 4, apart)
 
-Prints, per workload, predicted vs measured step time and memory per rank with their errors. The measured
+Prints, per workload, predicted vs measured step time and memory per rank with their errors, and how well
+each trial knows its own median (``±meas``: two standard errors, from its steps' interquartile range). The measured
 memory is the tensor bytes each trial's largest rank held (parameters, gradients, optimizer state and the
 peak of activations saved for backward, counted with saved-tensor hooks: ``measure.TensorBytes``); on a CPU
 nothing counts FSDP's transiently gathered blocks, so the prediction compared is the same parts (its
@@ -71,16 +72,21 @@ def report(name: str, rows: list[advisor.Row], again: float | None, count: int) 
     if first.trial.step_seconds and again:
         print(f"  noise floor: {first.candidate.label()} measured {first.trial.step_seconds * 1e3:.2f} ms first and "
               f"{again * 1e3:.2f} ms after the others ({again / first.trial.step_seconds - 1:+.0%})")
-    print(f"  {'candidate':36} {'pred ms':>8} {'meas ms':>8} {'err':>6}   {'pred MB':>8} {'meas MB':>8} {'err':>6}")
-    time_errors, memory_errors = [], []
+    print(f"  {'candidate':36} {'pred ms':>8} {'meas ms':>8} {'±meas':>6} {'err':>6}   {'pred MB':>8} {'meas MB':>8} "
+          f"{'err':>6}")
+    time_errors, memory_errors, beyond, known = [], [], 0, []
     for r in sorted(measured, key=lambda r: r.trial.step_seconds):
         p, t = r.prediction, r.trial
         err = (p.step_seconds - t.step_seconds) / t.step_seconds
         time_errors.append(abs(err))
+        noise = 2 * trials.median_uncertainty(t)  # two standard errors of the trial's median
+        known.append(noise)
+        beyond += abs(err) > noise
         counted = p.memory_bytes_per_rank - p.memory_breakdown.get("buffers", 0.0)  # what the trial's count sees
         mem = (counted - t.tensor_bytes) / t.tensor_bytes if t.tensor_bytes else float("nan")
         memory_errors.append((r.candidate.strategy, mem))
-        print(f"  {r.candidate.label()[:36]:36} {p.step_seconds * 1e3:8.2f} {t.step_seconds * 1e3:8.2f} {err:+6.0%}   "
+        print(f"  {r.candidate.label()[:36]:36} {p.step_seconds * 1e3:8.2f} {t.step_seconds * 1e3:8.2f} {noise:6.0%} "
+              f"{err:+6.0%}   "
               f"{counted / 1e6:8.2f} {(t.tensor_bytes or 0) / 1e6:8.2f} {mem:+6.0%}")
     for r in rows:
         if r.trial and not r.trial.step_seconds:
@@ -89,6 +95,8 @@ def report(name: str, rows: list[advisor.Row], again: float | None, count: int) 
     best = min(r.trial.step_seconds for r in measured)
     chosen = advisor.choose_trials(rows, count, budget=1e9)
     picked = min((r.trial.step_seconds for r in chosen if r.trial and r.trial.step_seconds), default=float("inf"))
+    print(f"  ±meas: two standard errors of a trial's median step (0.93 IQR/sqrt(n)), median "
+          f"{statistics.median(known):.0%}; {beyond} of {len(measured)} errors are larger than that")
     return {"time": time_errors, "memory": memory_errors, "tau": tau, "recommendation_gap": picked / best - 1}
 
 
