@@ -79,7 +79,7 @@ def report(name: str, rows: list[advisor.Row], again: float | None, count: int) 
         p, t = r.prediction, r.trial
         err = (p.step_seconds - t.step_seconds) / t.step_seconds
         time_errors.append(abs(err))
-        noise = 2 * trials.median_uncertainty(t)  # two standard errors of the trial's median
+        noise = 2 * trials.median_uncertainty(t.step_iqr, t.steps)  # two standard errors of the trial's median
         known.append(noise)
         beyond += abs(err) > noise
         counted = p.memory_bytes_per_rank - p.memory_breakdown.get("buffers", 0.0)  # what the trial's count sees

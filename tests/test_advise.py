@@ -254,6 +254,6 @@ def test_a_trials_spread_and_the_recommendations_noise_clause():
     steady = [row("single", Layout(), 0.010, 0.02), row("ddp", Layout(dp=2), 0.0105, 0.02)]
     noisy = [row("single", Layout(), 0.010, 0.40), row("ddp", Layout(dp=2), 0.0105, 0.40)]
     assert "noise" not in reason_sentence(steady[0], steady, 64)
-    assert trials.median_uncertainty(noisy[0].trial) == pytest.approx(0.93 * 0.40 / 4)
+    assert trials.median_uncertainty(0.40, 16) == pytest.approx(0.93 * 0.40 / 4)
     # 2 * hypot(0.093, 0.093): two standard errors of the ratio of the two medians.
     assert "within the trials' noise: ±26% on the ratio" in reason_sentence(noisy[0], noisy, 64)

@@ -73,7 +73,8 @@ def reason_sentence(best, rows, batch: int) -> str:
             cost = (f"; its compute alone takes {p.compute_seconds * 1e3:.1f} ms a step, and {what} add "
                     f"{seconds * 1e3:.1f} ms, {seconds / p.step_seconds:.0%} of its predicted step")
     ratio = rate / rival.trial.samples_per_second
-    noise = 2 * math.hypot(median_uncertainty(best.trial), median_uncertainty(rival.trial))
+    noise = 2 * math.hypot(median_uncertainty(best.trial.step_iqr, best.trial.steps),
+                           median_uncertainty(rival.trial.step_iqr, rival.trial.steps))
     close = (f" (within the trials' noise: ±{noise:.0%} on the ratio of their medians, two standard errors; a "
              "longer run would tell them apart)" if ratio - 1 < noise else "")
     return (f"{head}, {ratio:.2f}x the next best strategy, {rival.candidate.label()} "
@@ -132,11 +133,15 @@ def plot(advice: dict[str, Any], path: Path) -> Path | None:
     ax = fig.subplots()
     xs = range(len(tried))
     ax.bar([x - 0.2 for x in xs], [c["predicted_samples_per_second"] or 0 for c in tried], 0.4, label="predicted")
-    ax.bar([x + 0.2 for x in xs], [c["measured_samples_per_second"] for c in tried], 0.4, label="measured")
+    measured = [c["measured_samples_per_second"] for c in tried]
+    errors = [2 * median_uncertainty(c.get("measured_step_iqr"), c.get("measured_steps")) * m
+              for c, m in zip(tried, measured)]  # two standard errors of each trial's median
+    ax.bar([x + 0.2 for x in xs], measured, 0.4, yerr=errors, capsize=3,
+           label="measured (±2 standard errors)")
     ax.set_xticks(list(xs), [c["label"] for c in tried], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("samples/s")
-    ax.set_title(f"advise {advice['workload']}: predicted vs measured throughput of the trials")
-    ax.legend()
+    ax.set_title(f"advise {advice['workload']}:\npredicted vs measured throughput of the trials", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
     fig.savefig(path)
     return path
 

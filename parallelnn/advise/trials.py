@@ -99,10 +99,11 @@ def relative_iqr(values: list[float]) -> float:
     return (q3 - q1) / statistics.median(values)
 
 
-def median_uncertainty(trial: Trial) -> float:
-    """Relative standard error of a trial's median step: about 0.93 IQR / sqrt(n) (for roughly normal steps,
-    the median's error is 1.25 sigma / sqrt(n) and the IQR is 1.35 sigma)."""
-    return 0.93 * (trial.step_iqr or 0.0) / math.sqrt(trial.steps) if trial.steps else 0.0
+def median_uncertainty(iqr: float | None, steps: int | None) -> float:
+    """Relative standard error of the median of ``steps`` steps whose relative interquartile range is ``iqr``:
+    about 0.93 IQR / sqrt(n) (for roughly normal steps, the median's error is 1.25 sigma / sqrt(n) and the IQR
+    is 1.35 sigma)."""
+    return 0.93 * (iqr or 0.0) / math.sqrt(steps) if steps else 0.0
 
 
 def run_trial(cfg: RunConfig, candidate: Candidate, out: Path, timeout: float, train_samples: int,
