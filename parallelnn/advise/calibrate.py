@@ -234,20 +234,21 @@ def probe_units(blocks: int, candidates) -> int:
     return max([2, blocks, *stages])
 
 
-def _agreed_steps(warm: list[float], group=None) -> int:
+def _agreed_steps(warm: list[float]) -> int:
     """Steps to measure after warm-up steps of ``warm`` seconds: what every rank asks for, at most."""
     import torch.distributed as dist
 
     pace = statistics.median(warm[1:] or warm)
     wanted = torch.tensor([max(PROBE_STEPS, min(MOST_STEPS, int(PROBE_SECONDS / max(pace, 1e-6)) + 1))])
-    dist.all_reduce(wanted, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
     return int(wanted.item())
 
 
 def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float = 0.0, mm: float = 0.0,
                alone: dict | None = None) -> float | None:
-    """Median step seconds of ``candidate``'s strategy on the probe, less the probe's plain step; None when
-    the strategy refuses the probe (every rank decides the same, so none waits for another). ``ballast``:
+    """Median step seconds of ``candidate``'s strategy on the probe, less what that step would take without
+    fixed costs (:func:`_without_fixed`, from the probe's plain step); None when the strategy refuses the
+    probe (every rank decides the same, so none waits for another). ``ballast``:
     seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate.
     ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once."""
     from dataclasses import replace
@@ -267,7 +268,6 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
         return None
     ctx = Context(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, local_world_size=world,
                   distributed=True)
-    plain = Engine(copy.deepcopy(workload.model), workload, ccfg, ctx.device, total_steps=MOST_STEPS)
     engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + MOST_STEPS)
     per_rank = ccfg.batch_size // layout.dp
     x = workload.train.inputs[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
@@ -286,6 +286,7 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     key = (round(ballast, 12), len(x))
     alone = {} if alone is None else alone
     if key not in alone:
+        plain = Engine(copy.deepcopy(workload.model), workload, ccfg, ctx.device, total_steps=MOST_STEPS)
         alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
     return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key]))
 
@@ -315,11 +316,13 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
     probe's blocks."""
     import torch.distributed as dist
 
+    from parallelnn.advise.local import pass_batch
+
     mm = mm_seconds()
     found: dict[str, float] = {}
     alone: dict = {}
     for c in candidates:
-        batch = max(1, cfg.batch_size // c.layout.dp // (c.microbatches or 1))
+        batch = pass_batch(c, cfg.batch_size)
         measured = passes.get(batch)
         ballast = loads.get(c.label(), 0.0) * measured[0] / batch / units if measured else 0.0
         dist.barrier()
