@@ -16,6 +16,7 @@ save a checkpoint and leave. Everything the loop needs to continue exactly is in
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -307,7 +308,8 @@ class Trainer:
             if self.comm_probe:
                 self.comm_probe.before_step(s.global_step + 1)
             self._at(Phase.STEP)
-            self.tensor_bytes.before_step(s.global_step + 1, [*engine.parameters(), x, y])  # the batch: data
+            # Not activations: the parameters and the batch (data).
+            self.tensor_bytes.before_step(s.global_step + 1, itertools.chain(engine.parameters(), (x, y)))
             loss_sum, grad_norm = engine.train_step(x, y, engine.dp_size / n)
             self.tensor_bytes.after_step(s.global_step + 1, engine)
             if self.comm_probe:
