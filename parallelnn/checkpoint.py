@@ -48,16 +48,19 @@ from parallelnn.record import METRICS, atomic_write_json, sha256_file
 from parallelnn.safeio import UnsafeCheckpoint, dcp_load, join_tensors, split_tensors
 
 
-
-def write_errors() -> tuple[type[BaseException], ...]:
-    """What a failed write raises: OSError, RuntimeError (torch.save), SafetensorError, and DCP's
-    CheckpointException, which is a BaseException. Not KeyboardInterrupt or SystemExit. DCP is imported only
-    by a run that checkpoints (0.6 s of every process's start otherwise): if it is not loaded, nothing raised
-    its exception."""
+def dcp_errors() -> tuple[type[BaseException], ...]:
+    """DCP's CheckpointException (a BaseException), when DCP is loaded. It is imported only by a run that
+    checkpoints (0.6 s of every process's start otherwise): if it is not loaded, nothing raised it."""
     import sys
 
     api = sys.modules.get("torch.distributed.checkpoint.api")
-    return (Exception, api.CheckpointException) if api is not None else (Exception,)
+    return (api.CheckpointException,) if api is not None else ()
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, RuntimeError (torch.save), SafetensorError, and DCP's
+    CheckpointException. Not KeyboardInterrupt or SystemExit."""
+    return (Exception, *dcp_errors())
 
 
 MANIFEST = "MANIFEST.json"
@@ -538,7 +541,7 @@ class Checkpointer:
                 optim = join_tensors({k: saved_tree[k] for k in tree}, target["optim"])
                 ModelOptimizerState(self.engine, full=False).load_state_dict({"model": target["model"],
                                                                               "optim": optim})
-        except (UnsafeCheckpoint, *write_errors()[1:], KeyError, ValueError, RuntimeError) as err:
+        except (UnsafeCheckpoint, *dcp_errors(), KeyError, ValueError, RuntimeError) as err:
             cause = _unwrap(err)
             if isinstance(cause, UnsafeCheckpoint):
                 raise UserError(f"checkpoint {path}: {cause}") from None
