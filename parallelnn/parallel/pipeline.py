@@ -422,10 +422,10 @@ def cost(inp):
         memory = max(held, key=lambda h: sum(h.values()))
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
     compute = costs.compute_seconds(inp, b, share)
+    shares = [r["flops"] for r in ranks] if ranks else [share] * p
     p2p = costs.pipeline_p2p(inp, inp.group("pp"), b / m, m, v)
     problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
-    return costs.StepCost(compute, memory, p2p, p2p, bubble(compute, m, v, [r["flops"] for r in ranks] if ranks
-                                                              else [share] * p), problem, [
+    return costs.StepCost(compute, memory, p2p, p2p, bubble(compute, m, v, shares), problem, [
         f"pipeline: {split}; boundary sends not overlapped; tied first/last-stage weights' gradient sum not "
         "counted"])
 
