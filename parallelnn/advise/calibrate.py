@@ -316,13 +316,11 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
     probe's blocks."""
     import torch.distributed as dist
 
-    from parallelnn.advise.local import pass_batch
-
     mm = mm_seconds()
     found: dict[str, float] = {}
     alone: dict = {}
     for c in candidates:
-        batch = pass_batch(c, cfg.batch_size)
+        batch = c.pass_batch(cfg.batch_size)
         measured = passes.get(batch)
         ballast = loads.get(c.label(), 0.0) * measured[0] / batch / units if measured else 0.0
         dist.barrier()

@@ -170,6 +170,11 @@ class Candidate:
         extra += ["recompute"] if self.activation_checkpointing else []
         return f"{self.strategy} {degrees}" + (f" ({', '.join(extra)})" if extra else "")
 
+    def pass_batch(self, global_batch: int) -> int:
+        """Samples one forward/backward pass handles on a rank of this candidate (a pipeline's microbatch)."""
+        per_rank = max(1, global_batch // self.layout.dp)
+        return max(1, per_rank // self.microbatches) if self.microbatches else per_rank
+
 
 @dataclass(frozen=True)
 class CostInputs:

@@ -37,12 +37,6 @@ def threads_for(nproc: int) -> int:
     return max(1, cores() // nproc)
 
 
-def pass_batch(candidate: Candidate, global_batch: int) -> int:
-    """Samples one forward/backward pass handles on a rank of this candidate."""
-    per_rank = max(1, global_batch // candidate.layout.dp)
-    return max(1, per_rank // candidate.microbatches) if candidate.microbatches else per_rank
-
-
 def link_for(nproc: int, fitted: dict[str, Any] | None, kind: str = "all_reduce", latency: bool = True) -> Link:
     """The link that makes the cost model's ring formula for ``kind`` reproduce the time fitted at ``nproc``
     ranks: an all-reduce moves 2(n-1)/n of the bytes and pays 2(n-1) latencies, an all-gather or
@@ -75,7 +69,7 @@ class Machine:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
         needed: dict[int, set[int]] = {}
         for c in candidates:
-            needed.setdefault(c.layout.world_size, set()).add(pass_batch(c, global_batch))
+            needed.setdefault(c.layout.world_size, set()).add(c.pass_batch(global_batch))
         for n, batches in sorted(needed.items()):
             group = [c for c in candidates if c.layout.world_size == n]
             stages = sorted({job for c in group for job in self._stage_jobs(c, global_batch)})
@@ -121,7 +115,7 @@ class Machine:
     def _stage_jobs(self, candidate: Candidate, global_batch: int) -> list[tuple[int, int, int]]:
         """(first layer, end layer, microbatch) of every stage of a pipeline candidate, to be timed."""
         ranks = self._pipeline_ranks(candidate)
-        batch = pass_batch(candidate, global_batch)
+        batch = candidate.pass_batch(global_batch)
         return [(a, b, batch) for r in ranks or [] for a, b in r["stages"]]
 
     def _stage_rate(self, candidate: Candidate, global_batch: int, staged: dict[str, float]) -> None:
@@ -131,7 +125,7 @@ class Machine:
         ranks = self._pipeline_ranks(candidate)
         if not ranks:
             return
-        batch = pass_batch(candidate, global_batch)
+        batch = candidate.pass_batch(global_batch)
         times = [sum(staged.get(f"{a}-{b}-{batch}", 0.0) for a, b in r["stages"]) for r in ranks]
         if min(times) > 0:
             share = max(r["flops"] for r in ranks)
@@ -158,7 +152,7 @@ class Machine:
 
     def hardware(self, candidate: Candidate, global_batch: int) -> Hardware:
         n = candidate.layout.world_size
-        key = (n, pass_batch(candidate, global_batch))
+        key = (n, candidate.pass_batch(global_batch))
         if key not in self.rates:
             self.calibrate([candidate], global_batch)
         fitted = self.links.get(n)
