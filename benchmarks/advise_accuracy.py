@@ -4,6 +4,7 @@ then run for real (a short trial, measured after warm-up), and the two are compa
     python benchmarks/advise_accuracy.py                          # mnist, the digits CNN, the tiny LM; up to 2 processes
     python benchmarks/advise_accuracy.py --workloads mnist --nproc-max 2
     python benchmarks/advise_accuracy.py --extrapolate            # calibrate with 1 process, predict 2 (and 4, apart)
+    python benchmarks/advise_accuracy.py --device cuda --batch-sizes 64 512 --precisions fp32 bf16   # on a GPU
 
 Prints, per workload, predicted vs measured step time and memory per rank with their errors, and how well
 each trial knows its own median (``±meas``: two standard errors, from its steps' interquartile range). The measured
@@ -14,6 +15,12 @@ nothing counts FSDP's transiently gathered blocks, so the prediction compared is
 memory errors, Kendall's tau between the predicted and the measured ranking, and whether advise's recommendation (its
 own choice of at most 8 trials) is within 5% of the best candidate measured here. Timings on a shared
 machine move: run it when the machine is quiet, and read the ratios, not single figures.
+
+On a GPU (``--device cuda``) the measured memory is ``torch.cuda.max_memory_allocated`` over the whole trial
+run (the record's ``peak_memory_bytes``: model, optimizer, batch, activations, the runtime's transients, the
+data the memory loader keeps on the device, the final evaluation), against advise's whole estimate per rank
+with its resident data taken at the trial's training split. With one GPU the only candidate is the single
+process, so the rows are the workloads at each ``--batch-sizes`` x ``--precisions``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from parallelnn.advise import advisor, trials  # noqa: E402
 from parallelnn.advise.costs import ModelStats  # noqa: E402
-from parallelnn.advise.local import Machine  # noqa: E402
+from parallelnn.advise.local import Machine, resident_bytes  # noqa: E402
 from parallelnn.advise.stats import model_stats  # noqa: E402
 from parallelnn.config import RunConfig  # noqa: E402
 from parallelnn.runner import build_workload, check  # noqa: E402
@@ -47,8 +54,9 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return score / len(pairs) if pairs else float("nan")
 
 
-def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path) -> tuple[list[advisor.Row], float | None]:
-    cfg = check(RunConfig(workload=name, quiet=True))
+def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path,
+             **options) -> tuple[list[advisor.Row], float | None]:
+    cfg = check(RunConfig(workload=name, quiet=True, **options))
     cfg, workload = build_workload(cfg, torch.device("cpu"), lambda m: None)
     stats = ModelStats(**model_stats(workload))
     machine = Machine(workload, cfg, stats, concurrent=concurrent)
@@ -58,11 +66,25 @@ def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path) -> tuple[li
         if row.feasible:
             row.trial = trials.run_trial(cfg, row.candidate, out / advisor.slug(row.candidate), 180,
                                          len(workload.train), row.prediction.step_seconds)
+            if on_gpu(cfg):  # the trial keeps only its own training samples on the device
+                limit = trials.trial_config(cfg, row.candidate, out, len(workload.train),
+                                            trials.steps_to_measure(row.prediction.step_seconds)).limit
+                whole, whole_train = resident_bytes(workload), workload.train
+                workload.train = workload.train.head(limit)
+                row.prediction.memory_breakdown["data"] += resident_bytes(workload) - whole
+                row.prediction.memory_bytes_per_rank += resident_bytes(workload) - whole
+                workload.train = whole_train
+    if on_gpu(cfg):
+        return rows, None
     # The noise floor: the first trial (the single process) once more, after all the others.
     first = next(r for r in rows if r.trial)
     again = trials.run_trial(cfg, first.candidate, out / "again", 180, len(workload.train),
                              first.prediction.step_seconds)
     return rows, again.step_seconds
+
+
+def on_gpu(cfg) -> bool:
+    return cfg.device == "cuda"
 
 
 def report(name: str, rows: list[advisor.Row], again: float | None, count: int) -> dict:
@@ -82,15 +104,21 @@ def report(name: str, rows: list[advisor.Row], again: float | None, count: int) 
         noise = 2 * trials.median_uncertainty(t.step_iqr, t.steps)  # two standard errors of the trial's median
         known.append(noise)
         beyond += abs(err) > noise
-        counted = p.memory_bytes_per_rank - p.memory_breakdown.get("buffers", 0.0)  # what the trial's count sees
-        mem = (counted - t.tensor_bytes) / t.tensor_bytes if t.tensor_bytes else float("nan")
+        if t.peak_memory_bytes and "runtime" in p.memory_breakdown:  # a GPU: the allocator's peak, all of it
+            counted, seen = p.memory_bytes_per_rank, t.peak_memory_bytes
+        else:
+            counted, seen = p.memory_bytes_per_rank - p.memory_breakdown.get("buffers", 0.0), t.tensor_bytes
+        mem = (counted - seen) / seen if seen else float("nan")
         memory_errors.append((r.candidate.strategy, mem))
         print(f"  {r.candidate.label()[:36]:36} {p.step_seconds * 1e3:8.2f} {t.step_seconds * 1e3:8.2f} {noise:6.0%} "
               f"{err:+6.0%}   "
-              f"{counted / 1e6:8.2f} {(t.tensor_bytes or 0) / 1e6:8.2f} {mem:+6.0%}")
+              f"{counted / 1e6:8.2f} {(seen or 0) / 1e6:8.2f} {mem:+6.0%}")
     for r in rows:
         if r.trial and not r.trial.step_seconds:
             print(f"  {r.candidate.label()[:36]:36} trial failed: {r.trial.reason}")
+    if len(measured) == 1 and "runtime" in measured[0].prediction.memory_breakdown:
+        parts = measured[0].prediction.memory_breakdown
+        print("  predicted parts, MB: " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in parts.items()))
     tau = kendall_tau([r.prediction.step_seconds for r in measured], [r.trial.step_seconds for r in measured])
     best = min(r.trial.step_seconds for r in measured)
     chosen = advisor.choose_trials(rows, count, budget=1e9)
@@ -121,13 +149,22 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8, help="advise's trial count, for the recommendation check")
     p.add_argument("--extrapolate", action="store_true",
                    help="calibrate with one process only (rates at each thread count, no collectives measured)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="each workload at each of these batch sizes")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], help="and at each of these precisions")
     args = p.parse_args()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for name in args.workloads:
-            rows, again = evaluate(name, args.nproc_max, not args.extrapolate, Path(tmp) / Path(name).stem)
-            results[name] = report(name, rows, again, args.trials)
+            for batch in args.batch_sizes or [None]:
+                for precision in args.precisions:
+                    options = {"device": args.device, "precision": precision,
+                               **({"batch_size": batch} if batch else {})}
+                    label = " ".join([name, *(f"{k}={v}" for k, v in options.items() if k != "device")])
+                    rows, again = evaluate(name, args.nproc_max, not args.extrapolate,
+                                           Path(tmp) / f"{Path(name).stem}-{batch}-{precision}", **options)
+                    results[label] = report(label, rows, again, args.trials)
     summary(results)
     print(f"({time.time() - t0:.0f} s; calibration {'with one process' if args.extrapolate else 'as advise does'})")
 

@@ -257,3 +257,22 @@ def test_a_trials_spread_and_the_recommendations_noise_clause():
     assert trials.median_uncertainty(0.40, 16) == pytest.approx(0.93 * 0.40 / 4)
     # 2 * hypot(0.093, 0.093): two standard errors of the ratio of the two medians.
     assert "within the trials' noise: ±26% on the ratio" in reason_sentence(noisy[0], noisy, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_advise_on_cuda_times_the_gpu_and_estimates_what_its_allocator_holds(tmp_path):
+    """On a GPU, advise calibrates there (not on the CPU) and its memory estimate covers what the CUDA allocator
+    hands out over the whole trial (``torch.cuda.max_memory_allocated``): within +10 % / -5 %. With --limit 2048
+    the trial keeps every training sample the advised run would, so the resident data is the same."""
+    out = tmp_path / "advice"
+    assert main("advise", "mnist", "--device", "cuda", "--limit", "2048", "--nproc-max", "1", "--out", str(out),
+                "--budget-seconds", "60") == 0
+    advice = json.loads((out / "advice.json").read_text())
+    assert advice["device"] == "cuda"
+    single = next(c for c in advice["candidates"] if c["measured_step_seconds"])
+    parts = single["memory_breakdown"]
+    assert parts["runtime"] >= 0 and parts["data"] >= 2048 * 28 * 28 * 4
+    measured = single["measured_peak_memory_bytes"]
+    assert -0.05 <= single["memory_bytes_per_rank"] / measured - 1 <= 0.10, (parts, measured)
+    # Timed on the GPU: a CPU's rate would predict a step many times slower than the trial measured.
+    assert 0.3 < single["predicted_step_seconds"] / single["measured_step_seconds"] < 3

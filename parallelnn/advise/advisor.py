@@ -223,7 +223,8 @@ def cmd_advise(ns: argparse.Namespace) -> int:
     stats = ModelStats(**model_stats(workload))
     machine = Machine(workload, cfg, stats)
     rows = candidates(nproc_max, cfg, workload)
-    log(f"advise {cfg.workload}: {len(rows)} candidate layouts up to {nproc_max} processes on {cores()} cores; "
+    where = f"{torch.cuda.device_count()} GPUs" if machine.device.type == "cuda" else f"{cores()} cores"
+    log(f"advise {cfg.workload}: {len(rows)} candidate layouts up to {nproc_max} processes on {where}; "
         f"{stats.parameters:,} parameters, {stats.flops_per_sample:,.4g} FLOP a sample")
     predict_all(rows, machine, cfg)
     chosen = choose_trials(rows, count, budget)

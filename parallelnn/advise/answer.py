@@ -93,17 +93,25 @@ def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
                "measured_samples_per_second": best.trial.samples_per_second,
                "sentence": reason_sentence(best, rows, cfg.batch_size)}
     return {"format_version": FORMAT_VERSION, "workload": cfg.workload, "batch_size": cfg.batch_size,
-            "device": "cpu", "recommendation": rec, "candidates": [candidate_json(r) for r in order],
+            "device": machine.device.type, "recommendation": rec, "candidates": [candidate_json(r) for r in order],
             "model": vars(stats), "calibration": {"rates": {f"{n} processes, batch {b}": r for (n, b), r in
                                                             machine.rates.items()},
                                                   "collectives": {str(n): {k: {"latency": v["latency"],
                                                                                "bandwidth": v["bandwidth"]}
                                                                            for k, v in fit.items()}
                                                                   for n, fit in machine.links.items()}},
-            "memory_note": ("memory_bytes_per_rank (predicted) and measured_tensor_bytes: parameters + gradients + "
-                            "optimizer state + activations saved for backward on the largest rank, counted by tensor "
-                            "storage; the allocator's and framework's own memory and temporaries are not in them "
-                            "(measured_peak_memory_bytes, the resident-set peak on CPU, includes them)")}
+            "memory_note": MEMORY_NOTE[machine.device.type == "cuda"]}
+
+
+MEMORY_NOTE = (
+    "memory_bytes_per_rank (predicted) and measured_tensor_bytes: parameters + gradients + optimizer state + "
+    "activations saved for backward on the largest rank, counted by tensor storage; the allocator's and framework's "
+    "own memory and temporaries are not in them (measured_peak_memory_bytes, the resident-set peak on CPU, includes "
+    "them)",
+    "memory_bytes_per_rank (predicted): parameters + gradients + optimizer state + saved activations + buffers as "
+    "each strategy divides them, plus 'runtime' (one process's step, its peak measured by the CUDA allocator here, "
+    "less the parts counted for it) and 'data' (the splits the memory loader keeps on each GPU); "
+    "measured_peak_memory_bytes: torch.cuda.max_memory_allocated of the largest rank over the trial")
 
 
 def table(advice: dict[str, Any]) -> str:

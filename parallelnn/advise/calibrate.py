@@ -39,21 +39,33 @@ MEASURE = (9, 0.4)
 MOST_STEPS = 60
 
 
-def timed_steps(step) -> float:
+def timed_steps(step, sync=lambda: None) -> float:
     """Median seconds of ``step()`` once warm: at least WARMUP steps and seconds of warm-up, then at least
-    MEASURE steps and seconds measured (never more than MOST_STEPS in all)."""
+    MEASURE steps and seconds measured (never more than MOST_STEPS in all). ``sync``: waits for the device's
+    queued work (a GPU runs behind the host), after every step."""
     start = time.perf_counter()
     done = 0
     while done < WARMUP[0] or (done < MOST_STEPS // 2 and time.perf_counter() - start < WARMUP[1]):
         step()
+        sync()
         done += 1
     times: list[float] = []
     while len(times) < MEASURE[0] or (done < MOST_STEPS and sum(times) < MEASURE[1]):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
         done += 1
     return statistics.median(times)
+
+
+def device_sync(device: torch.device):
+    """What waits for ``device``'s queued work (nothing on a CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 @contextlib.contextmanager
@@ -71,18 +83,48 @@ def _threads(threads: int):
         torch.set_num_threads(before)
 
 
-def step_seconds(workload, cfg, threads: int, batch: int) -> tuple[float, float]:
+def step_seconds(workload, cfg, threads: int, batch: int,
+                 device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(forward + backward, optimizer) median seconds of a training step of ``batch`` samples with ``threads``
-    threads, one process. Apart, because a pipeline runs the first per microbatch and the second once a
-    step, and a sharded rank updates only its share of the parameters."""
-    model = copy.deepcopy(workload.model)
-    engine = Engine(model, workload, cfg, torch.device("cpu"), total_steps=4 * MOST_STEPS)
-    sample = workload.train.head(min(batch, len(workload.train)))
-    x, y = sample.prepare(sample.inputs), sample.targets
+    threads, one process, on ``device``. Apart, because a pipeline runs the first per microbatch and the
+    second once a step, and a sharded rank updates only its share of the parameters."""
+    engine, x, y = _engine_on(workload, cfg, batch, device)
+    sync = device_sync(device)
     with _threads(threads):
-        whole = timed_steps(lambda: engine.train_step(x, y, 1.0 / len(x)))
-        update = timed_steps(engine._step_optimizer)  # the gradients of the last step, applied again
+        whole = timed_steps(lambda: engine.train_step(x, y, 1.0 / len(x)), sync)
+        update = timed_steps(engine._step_optimizer, sync)  # the gradients of the last step, applied again
     return max(whole - update, whole / 100), update
+
+
+def _engine_on(workload, cfg, batch: int, device: torch.device):
+    """A copy of the model stepping on ``device`` (the workload's own stays where it is), and one batch there."""
+    engine = Engine(copy.deepcopy(workload.model).to(device), workload, cfg, device, total_steps=4 * MOST_STEPS)
+    sample = workload.train.head(min(batch, len(workload.train)))
+    return engine, sample.prepare(sample.inputs).to(device), sample.targets.to(device)
+
+
+def cuda_step_bytes(workload, cfg, batch: int, device: torch.device) -> int:
+    """Peak bytes the CUDA caching allocator hands out while one process trains ``batch`` samples a step, once
+    warm: parameters, gradients, optimizer state, the batch, saved activations and everything transient
+    (backward's temporaries, autocast copies, cuBLAS' workspace), as ``torch.cuda.max_memory_allocated``
+    counts them. The whole device's peak: nothing else of advise's is on it (the workload stays on the CPU),
+    and what the runtime keeps between steps (cuBLAS' workspace) a training process keeps too."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine, x, y = _engine_on(workload, cfg, batch, device)
+    for _ in range(3):  # the optimizer's state is made in its first step
+        engine.train_step(x, y, 1.0 / len(x))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    engine.train_step(x, y, 1.0 / len(x))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del engine, x, y
+    gc.collect()
+    torch.cuda.empty_cache()
+    return int(peak)
 
 
 def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: int) -> dict[str, float]:
@@ -114,17 +156,18 @@ def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: in
     return found
 
 
-def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]]]:
+def _time_collectives(rank: int, world: int, device: torch.device = torch.device("cpu")) -> dict[str, list]:
     import torch.distributed as dist
 
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in KINDS}
+    sync = device_sync(device)
     for size in SIZES:
         n = size // 4
-        t = torch.ones(n)
-        parts = torch.ones(n // world * world)
-        gathered = torch.empty(n // world * world)
+        t = torch.ones(n, device=device)
+        parts = torch.ones(n // world * world, device=device)
+        gathered = torch.empty(n // world * world, device=device)
         ops = {
             "all_reduce": lambda: dist.all_reduce(t),
             "all_gather": lambda: all_gather(gathered, parts[: n // world]),
@@ -135,8 +178,10 @@ def _time_collectives(rank: int, world: int) -> dict[str, list[tuple[int, float]
             times = []
             for _ in range(7):
                 dist.barrier()
+                sync()
                 t0 = time.perf_counter()
                 op()
+                sync()
                 times.append(time.perf_counter() - t0)
             results[kind].append((size, statistics.median(times[2:])))
     return results
@@ -331,18 +376,23 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
 
 
 def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int], stages, candidates,
-            units: int, loads: dict[str, float]) -> None:
+            units: int, loads: dict[str, float], device_type: str = "cpu") -> None:
     """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
-    model's steps timed while the others step too, the collectives, then the candidates' fixed costs."""
+    model's steps timed while the others step too, the collectives, then the candidates' fixed costs.
+    ``device_type="cuda"``: the collectives alone, NCCL's, each rank on a GPU of its own."""
     import torch.distributed as dist
 
     from parallelnn.launch import keep_freed_memory
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     keep_freed_memory()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
     steps = _time_steps(cfg, batches, stages) if cfg is not None and batches else {"steps": {}, "stages": {}}
-    results = _time_collectives(rank, world)
+    results = _time_collectives(rank, world, device)
     fixed = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"])
              if cfg is not None and candidates else {})
     if rank == 0:
@@ -364,7 +414,7 @@ def fit(points: list[tuple[int, float]]) -> dict[str, float]:
 
 
 def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(), units: int = 2,
-          loads: dict[str, float] | None = None, timeout: float = 300.0) -> dict[str, Any]:
+          loads: dict[str, float] | None = None, timeout: float = 300.0, device_type: str = "cpu") -> dict[str, Any]:
     """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements. Processes still running
     after ``timeout`` seconds are ended (RuntimeError)."""
     import socket
@@ -377,7 +427,8 @@ def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        args = (world, port, out, cfg, list(batches), list(stages), list(candidates), units, loads or {})
+        args = (world, port, out, cfg, list(batches), list(stages), list(candidates), units, loads or {},
+                device_type)
         context = mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn", join=False)
         deadline = time.monotonic() + timeout
         while not context.join(timeout=1.0):

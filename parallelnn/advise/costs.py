@@ -433,10 +433,11 @@ def _batch_problem(inp: CostInputs) -> str | None:
 
 def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_batch: int, dtype: str = "bf16",
                  optimizer_state_bytes_per_param: float = 8, nodes: int | None = None,
-                 fixed_seconds: float = 0.0) -> Prediction:
+                 fixed_seconds: float = 0.0, extra_memory: dict[str, float] | None = None) -> Prediction:
     """One training step of ``candidate`` on ``hw``: time, memory per rank, and whether it can run.
     ``fixed_seconds``: what the step costs besides compute and bytes, when measured (then ``hw``'s links
-    carry no latency: the measurement holds it)."""
+    carry no latency: the measurement holds it). ``extra_memory``: parts a rank holds besides the model's
+    state, activations and buffers (on a GPU here: the runtime's measured share and the resident data)."""
     from parallelnn import parallel
 
     strategy = parallel.get(candidate.strategy)
@@ -451,6 +452,7 @@ def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_b
         problem = problem or cost.problem
     memory = {k: float(cost.memory.get(k, 0.0)) for k in ("parameters", "gradients", "optimizer", "activations",
                                                           "buffers")}
+    memory.update(extra_memory or {})
     total = sum(memory.values())
     if problem is None and total > hw.memory_bytes:
         problem = f"needs {gb(total)} per {'GPU' if hw.device_type == 'cuda' else 'device'}, has {gb(hw.memory_bytes)}"

@@ -64,9 +64,15 @@ class Machine:
         self.fixed: dict[str, float] = {}  # candidate label -> seconds a step pays besides FLOPs and bytes
         self.updates: dict[int, list[float]] = {}  # processes -> optimizer seconds per parameter, per measurement
         self.stage_rates: dict[str, float] = {}  # pipeline candidate label -> FLOP/s of its busiest rank, as timed
+        from parallelnn.launch import resolve_device
+
+        self.device = resolve_device(cfg.device)
+        self.step_bytes: dict[int, int] = {}  # on a GPU: pass batch -> allocator's peak bytes of one process's step
 
     def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
+        if self.device.type == "cuda":
+            return self._calibrate_gpus(candidates, global_batch)
         needed: dict[int, set[int]] = {}
         for c in candidates:
             needed.setdefault(c.layout.world_size, set()).add(c.pass_batch(global_batch))
@@ -95,6 +101,38 @@ class Machine:
                 staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
             for c in group:
                 self._stage_rate(c, global_batch, staged)
+
+    def _calibrate_gpus(self, candidates: list[Candidate], global_batch: int) -> None:
+        """On GPUs every rank has a device of its own: one GPU's steps, timed here at each pass batch, stand for
+        every rank's, and the allocator's peak of that step is measured with them. The collectives are NCCL's,
+        timed between N processes, one per GPU. No probe: the links keep each call's latency."""
+        import torch
+
+        for c in candidates:
+            n, b = c.layout.world_size, c.pass_batch(global_batch)
+            if b not in self.step_bytes:
+                passes, update = calibrate.step_seconds(self.workload, self.cfg, torch.get_num_threads(), b,
+                                                        self.device)
+                self.rates[(1, b)] = self._rate(passes, b)
+                self.updates.setdefault(1, []).append(update / max(self.stats.parameters, 1))
+                self.step_bytes[b] = calibrate.cuda_step_bytes(self.workload, self.cfg, b, self.device)
+            self.rates[(n, b)] = self.rates[(1, b)]
+            self.updates[n] = self.updates[1]
+            if n > 1 and n not in self.links:
+                self.links[n] = calibrate.fitted(calibrate.spawn(n, device_type="cuda")["collectives"])
+
+    def _gpu_memory(self, candidate: Candidate, global_batch: int, hw: Hardware, dtype: str) -> dict[str, float]:
+        """What a GPU rank holds besides the modelled state: the allocator's measured peak of one process's step at
+        this pass batch less the parts the model counts for it (cuBLAS' workspace, backward's temporaries,
+        autocast copies), and the data a memory loader keeps on the device (each rank holds every split)."""
+        from parallelnn.advise.costs import CostInputs, activation_bytes, model_state
+
+        b = candidate.pass_batch(global_batch)
+        whole = replace(candidate, activation_checkpointing=False)  # as calibrated: the whole model, plainly
+        inp = CostInputs(self.stats, hw, whole, b, dtype, 8, 1)
+        counted = sum(model_state(inp, self.stats.parameters).values()) + activation_bytes(inp, b)
+        return {"runtime": max(0.0, self.step_bytes[b] - counted),
+                "data": resident_bytes(self.workload) if self.cfg.loader == "memory" else 0.0}
 
     def _load(self, candidate: Candidate) -> float:
         """The share of a whole forward + backward (at its per-rank batch) a rank of ``candidate`` computes,
@@ -160,6 +198,16 @@ class Machine:
         link = link_for(n, fitted, latency=latency)
         kinds = {k: link_for(n, fitted, k, latency) for k in calibrate.KINDS} if fitted else None
         rate = self.stage_rates.get(candidate.label(), self.rates[key])
+        if self.device.type == "cuda":
+            import torch
+
+            props = torch.cuda.get_device_properties(self.device)
+            return Hardware(name=f"this machine ({n} x {props.name})", device_type="cuda",
+                            peak_flops={"fp32": rate, "tf32": rate, "bf16": rate, "fp16": rate},
+                            memory_bytes=props.total_memory, devices_per_node=n, intra=link, inter=link,
+                            matmul_efficiency=1.0, max_devices=torch.cuda.device_count(), kind_links=kinds,
+                            optimizer_seconds_per_parameter=statistics.median(self.updates[n]),
+                            notes=f"measured here: one GPU's steps at {self.cfg.precision}; NCCL between processes")
         return Hardware(name=f"this machine ({cores()} cores, {n} process{'es' if n > 1 else ''})",
                         device_type="cpu", peak_flops={"fp32": rate, "bf16": rate, "fp16": rate},
                         memory_bytes=ram_bytes() // n, devices_per_node=n, intra=link, inter=link,
@@ -169,8 +217,21 @@ class Machine:
 
     def predict(self, candidate: Candidate, global_batch: int, dtype: str = "fp32") -> Prediction:
         hw = self.hardware(candidate, global_batch)
+        extra = self._gpu_memory(candidate, global_batch, hw, dtype) if self.device.type == "cuda" else None
         return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
-                            fixed_seconds=self.fixed.get(candidate.label(), 0.0))
+                            fixed_seconds=self.fixed.get(candidate.label(), 0.0), extra_memory=extra)
+
+
+def resident_bytes(workload) -> float:
+    """Bytes of the data the memory loader keeps on the device: every split, prepared whole."""
+    total = 0.0
+    for split in (workload.train, workload.test):
+        if split is None or not len(split):
+            continue
+        one = split.head(1)
+        x, y = one.prepare(one.inputs), one.targets
+        total += len(split) * (x.numel() * x.element_size() + y.numel() * y.element_size())
+    return total
 
 
 def with_microbatches(candidate: Candidate, microbatches: int | None) -> Candidate:
