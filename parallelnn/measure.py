@@ -286,6 +286,13 @@ def mfu(flops_per_sample_: float, samples_per_second: float, peak: float) -> flo
     return flops_per_sample_ * samples_per_second / peak if peak > 0 else 0.0
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """From here on :func:`peak_memory_bytes` counts what the run itself holds (the peak-FLOPs probe's matrices,
+    say, are not the run's). On CUDA; a CPU's resident-set peak cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: the CUDA allocator's peak on GPU, the resident-set peak on CPU."""
     if device.type == "cuda":

@@ -204,8 +204,10 @@ def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Wor
         log(f"{cfg.workload} on {workload.dataset}: {cfg.strategy} x{ctx.world_size} on {ctx.device.type}, "
             f"loader {cfg.loader}, {cfg.epochs} epochs, batch {cfg.batch_size}")
     dtype = measure.compute_dtype(cfg.precision, cfg.tf32, ctx.device)
+    peak = _peak(ctx, dtype)
+    measure.reset_peak_memory(ctx.device)  # the probe's matrices (when this machine's peak was not yet cached)
     return Setup(cfg, ctx, out, workload, strategy, layout, engine, train_loader, test_loader, threads, flops,
-                 _peak(ctx, dtype), base, log, dtype)
+                 peak, base, log, dtype)
 
 
 @dataclass

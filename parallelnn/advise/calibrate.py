@@ -104,23 +104,31 @@ def _engine_on(workload, cfg, batch: int, device: torch.device):
 
 
 def cuda_step_bytes(workload, cfg, batch: int, device: torch.device) -> int:
-    """Peak bytes the CUDA caching allocator hands out while one process trains ``batch`` samples a step, once
-    warm: parameters, gradients, optimizer state, the batch, saved activations and everything transient
-    (backward's temporaries, autocast copies, cuBLAS' workspace), as ``torch.cuda.max_memory_allocated``
-    counts them. The whole device's peak: nothing else of advise's is on it (the workload stays on the CPU),
-    and what the runtime keeps between steps (cuBLAS' workspace) a training process keeps too."""
+    """Peak bytes the CUDA caching allocator hands out while one process trains at ``batch`` samples a step, as
+    ``torch.cuda.max_memory_allocated`` counts them in a run: parameters, gradients, optimizer state, the
+    batch, saved activations and everything transient (backward's temporaries, autocast copies, cuDNN's and
+    cuBLAS' workspaces), from the first step on (a first call may take more), with the epoch's shorter last
+    batch and an evaluation at the same batch, as a run has them. Counted from what the device held before (in
+    a process that used the GPU already, that is not this run's)."""
     import gc
 
     gc.collect()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:  # cuBLAS keeps its workspace between calls: a run allocates it, so must this count
+        clear()
     torch.cuda.empty_cache()
-    engine, x, y = _engine_on(workload, cfg, batch, device)
-    for _ in range(3):  # the optimizer's state is made in its first step
-        engine.train_step(x, y, 1.0 / len(x))
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    engine.train_step(x, y, 1.0 / len(x))
+    engine, x, y = _engine_on(workload, cfg, batch, device)
+    last = len(workload.train) % len(x)
+    for xb, yb in [(x, y)] * 3 + ([(x[:last], y[:last])] if last else []):
+        engine.train_step(xb, yb, 1.0 / len(xb))
+    tested = len(workload.test) % len(x) if workload.test is not None else 0
+    for n in [len(x)] + ([tested] if tested else []):
+        engine.eval_step(x[:n], y[:n])
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
     del engine, x, y
     gc.collect()
     torch.cuda.empty_cache()

@@ -108,6 +108,9 @@ class Machine:
         timed between N processes, one per GPU. No probe: the links keep each call's latency."""
         import torch
 
+        from parallelnn.runner import set_matmul_precision
+
+        set_matmul_precision(self.cfg, self.device)  # TF32 or true fp32, as the run will have it
         for c in candidates:
             n, b = c.layout.world_size, c.pass_batch(global_batch)
             if b not in self.step_bytes:
