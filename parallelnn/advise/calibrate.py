@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -261,10 +262,11 @@ def mm_seconds() -> float:
     return timed_steps(lambda: torch.mm(m, m))
 
 
-def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0):
+def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, samples: int | None = None):
     """A model with ``units`` blocks (Linear layers of width 16, ReLU between) and nothing else to speak of:
     what a strategy costs on it is what it costs besides FLOPs and bytes. ``ballast``: seconds per sample of
-    parameter-free compute in each block (see :class:`Ballast`)."""
+    parameter-free compute in each block (see :class:`Ballast`). ``samples``: in its training split (default:
+    one batch)."""
     from torch import nn
 
     from parallelnn.workload import Workload, complete
@@ -274,9 +276,34 @@ def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0):
         # Ballast first: a block's output is then its Linear's (FSDP warns of a module returning a view).
         layers += ([Ballast(ballast, mm)] if ballast else []) + [nn.Linear(PROBE_WIDTH, PROBE_WIDTH), nn.ReLU()]
     g = torch.Generator().manual_seed(0)
-    n = max(cfg.batch_size, 2)
+    n = samples or max(cfg.batch_size, 2)
     x, y = torch.randn(n, PROBE_WIDTH, generator=g), torch.randint(0, PROBE_WIDTH, (n,), generator=g)
     return complete(Workload(model=nn.Sequential(*layers[:-1]), train=(x, y), test=(x[:2], y[:2])), cfg.seed, "probe")
+
+
+def loop_seconds(cfg, device: torch.device, steps: int = 200) -> float:
+    """Seconds a training step of ``parallelnn run`` takes besides its engine's forward, backward and update:
+    the trainer's bookkeeping, the loader's batch, the step's timing marks. Per step, whatever the model: a
+    one-block probe trained for real (``parallelnn.run`` in this process, measured as trials are: the median
+    of its steps' intervals after warm-up) less the same probe's engine steps timed alone."""
+    import tempfile
+
+    from parallelnn import api
+    from parallelnn.advise.trials import WARMUP_STEPS
+    from parallelnn.config import RunConfig
+
+    batch = max(cfg.batch_size, 2)
+    # The probe's own settings, the same for the run and the engine timed alone (not the user's --compile, say).
+    options = {"batch_size": batch, "lr": 1e-3, "max_grad_norm": 0.0, "seed": cfg.seed, "device": device.type}
+    plain = RunConfig(workload="python:probe", **options)
+    probe = probe_workload(1, plain, samples=batch * 50)
+    alone = sum(step_seconds(probe, plain, torch.get_num_threads(), batch, device))
+    with tempfile.TemporaryDirectory() as tmp:
+        api.run(probe, out=tmp, epochs=math.ceil(steps / 50), log_every=1, quiet=True, overwrite=True, **options)
+        per = [batch / e["train/samples_per_second"] for e in map(json.loads, Path(tmp, "metrics.jsonl").open())
+               if e.get("event") == "step" and e.get("train/global_step", 0) > WARMUP_STEPS
+               and e.get("train/samples_per_second")]
+    return max(0.0, statistics.median(per) - alone) if per else 0.0
 
 
 def probe_units(blocks: int, candidates) -> int:

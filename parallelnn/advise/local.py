@@ -68,9 +68,12 @@ class Machine:
 
         self.device = resolve_device(cfg.device)
         self.step_bytes: dict[int, int] = {}  # on a GPU: pass batch -> allocator's peak bytes of one process's step
+        self.loop: float | None = None  # seconds the training loop adds to every step (calibrate.loop_seconds)
 
     def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
+        if self.loop is None:
+            self.loop = calibrate.loop_seconds(self.cfg, self.device)
         if self.device.type == "cuda":
             return self._calibrate_gpus(candidates, global_batch)
         needed: dict[int, set[int]] = {}
@@ -222,7 +225,8 @@ class Machine:
         hw = self.hardware(candidate, global_batch)
         extra = self._gpu_memory(candidate, global_batch, hw, dtype) if self.device.type == "cuda" else None
         return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
-                            fixed_seconds=self.fixed.get(candidate.label(), 0.0), extra_memory=extra)
+                            fixed_seconds=self.fixed.get(candidate.label(), 0.0) + (self.loop or 0.0),
+                            extra_memory=extra)
 
 
 def resident_bytes(workload) -> float:
