@@ -128,6 +128,36 @@ def test_model_statistics_of_the_mnist_cnn():
     assert s["tp_sharded_fraction"] > 0.9 and s["tp_sharded_flops_fraction"] < 0.15  # FC: most weights, few FLOPs
 
 
+def test_the_training_loop_costs_a_step_more_than_its_engine():
+    """A real run of a one-block probe steps slower than its engine alone (the trainer's bookkeeping, the
+    loader, the timing marks): a fraction of a millisecond here, never negative, never a whole step of MNIST."""
+    cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
+    loop = calibrate.loop_seconds(cfg, torch.device("cpu"), steps=100)
+    assert 0 <= loop < 5e-3
+
+
+def test_gpu_memory_parts_are_the_measured_peak_less_what_is_counted_and_the_resident_splits():
+    """On a GPU a rank's estimate adds the allocator's measured step peak less the parts the model counts
+    (model state, saved activations) and the splits the memory loader keeps on the device (here: the numbers
+    alone, on a CPU, with a peak given instead of measured)."""
+    from parallelnn.advise.costs import Candidate, ModelStats
+    from parallelnn.advise.local import Machine, resident_bytes
+    from parallelnn.parallel import Layout
+
+    cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
+    assert resident_bytes(workload) == (4000 + 1000) * (28 * 28 * 4 + 8)  # float pixels, int64 labels
+    stats = ModelStats(**model_stats(workload))
+    machine = Machine(workload, cfg, stats)
+    machine.rates[(1, 64)], machine.updates[1] = 1e9, [0.0]  # no calibration: these parts need none
+    single = Candidate("single", Layout())
+    counted = 4 * stats.parameter_bytes + stats.activation_bytes_per_sample * 64 + stats.activation_fixed_bytes
+    machine.step_bytes[64] = int(counted) + 50_000_000
+    parts = machine._gpu_memory(single, 64, machine.hardware(single, 64), "fp32")
+    assert parts["runtime"] == pytest.approx(50e6, abs=2) and parts["data"] == resident_bytes(workload)
+    machine.step_bytes[64] = 1  # a peak below the counted parts leaves nothing for the runtime, not less
+    assert machine._gpu_memory(single, 64, machine.hardware(single, 64), "fp32")["runtime"] == 0
+
+
 @pytest.fixture(scope="module")
 def iris_advice(tmp_path_factory):
     out = tmp_path_factory.mktemp("advise") / "iris"
