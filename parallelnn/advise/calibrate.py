@@ -348,8 +348,14 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
         return None
     ctx = Context(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, local_world_size=world,
                   distributed=True)
-    engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + MOST_STEPS)
     per_rank = ccfg.batch_size // layout.dp
+    key = (round(ballast, 12), per_rank)
+    alone = {} if alone is None else alone
+    # The plain step's model, copied before the strategy changes the probe in place (FSDP shards it, tensor
+    # parallelism makes its weights DTensors): a copy taken after would step with the strategy's collectives,
+    # a time-bound number of them on each rank.
+    pristine = copy.deepcopy(workload.model) if key not in alone else None
+    engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + MOST_STEPS)
     x = workload.train.inputs[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
     y = workload.train.targets[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
     stop = StopFlag(ctx)  # the trainer agrees on stop requests every step: part of a step's fixed cost
@@ -363,10 +369,8 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     warm = [step() for _ in range(PROBE_WARMUP)]
     times = [step() for _ in range(_agreed_steps(warm))]
     stop.drain()
-    key = (round(ballast, 12), len(x))
-    alone = {} if alone is None else alone
     if key not in alone:
-        plain = Engine(copy.deepcopy(workload.model), workload, ccfg, ctx.device, total_steps=MOST_STEPS)
+        plain = Engine(pristine, workload, ccfg, ctx.device, total_steps=MOST_STEPS)
         alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
     return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key]))
 
