@@ -139,6 +139,28 @@ def test_the_training_loop_costs_a_step_more_than_its_engine():
     assert 0 <= loop < 5e-3
 
 
+def test_a_failed_calibration_of_several_processes_is_said_and_the_advice_goes_on(monkeypatch):
+    """If the N processes measuring together fail (a crashed rank, a timeout), the candidates are predicted
+    from one process's measurements, and the advice says so instead of ending in a traceback."""
+    from parallelnn.advise.costs import Candidate, ModelStats
+    from parallelnn.advise.local import Machine
+    from parallelnn.parallel import Layout
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:20365")
+
+    monkeypatch.setattr(calibrate, "spawn", crash)
+    cfg, workload = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
+    machine = Machine(workload, cfg, ModelStats(**model_stats(workload)))
+    machine.loop = 0.0
+    ddp = Candidate("ddp", Layout(dp=2))
+    machine.calibrate([ddp], cfg.batch_size)
+    assert machine.problems == ["calibrating 2 processes at once failed (Connection closed by peer "
+                                "[127.0.0.1]:20365); their predictions use one process's measurements"]
+    prediction = machine.predict(ddp, cfg.batch_size)
+    assert prediction.feasible and prediction.step_seconds > 0 and 2 in machine.links
+
+
 def test_gpu_memory_parts_are_the_measured_peak_less_what_is_counted_and_the_resident_splits():
     """On a GPU a rank's estimate adds the allocator's measured step peak less the parts the model counts
     (model state, saved activations) and the splits the memory loader keeps on the device (here: the numbers

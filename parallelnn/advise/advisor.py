@@ -227,6 +227,8 @@ def cmd_advise(ns: argparse.Namespace) -> int:
     log(f"advise {cfg.workload}: {len(rows)} candidate layouts up to {nproc_max} processes on {where}; "
         f"{stats.parameters:,} parameters, {stats.flops_per_sample:,.4g} FLOP a sample")
     predict_all(rows, machine, cfg)
+    for problem in machine.problems:
+        log(f"warning: {problem}")
     chosen = choose_trials(rows, count, budget)
     run_trials(chosen, replace(cfg, out=None), out, budget - (time.monotonic() - t0), len(workload.train), log)
     from parallelnn.advise.answer import write_answer

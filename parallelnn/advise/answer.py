@@ -99,7 +99,8 @@ def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
                                                   "collectives": {str(n): {k: {"latency": v["latency"],
                                                                                "bandwidth": v["bandwidth"]}
                                                                            for k, v in fit.items()}
-                                                                  for n, fit in machine.links.items()}},
+                                                                  for n, fit in machine.links.items()},
+                                                  "problems": list(machine.problems)},
             "memory_note": MEMORY_NOTE[machine.device.type == "cuda"]}
 
 

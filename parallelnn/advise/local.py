@@ -69,6 +69,7 @@ class Machine:
         self.device = resolve_device(cfg.device)
         self.step_bytes: dict[int, int] = {}  # on a GPU: pass batch -> allocator's peak bytes of one process's step
         self.loop: float | None = None  # seconds the training loop adds to every step (calibrate.loop_seconds)
+        self.problems: list[str] = []  # what could not be measured, said with the advice
 
     def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
@@ -85,15 +86,8 @@ class Machine:
             steps: dict[int, tuple[float, float]] = {}
             staged: dict[str, float] = {}
             if n > 1 and self.concurrent:
-                by_name = not self.cfg.workload.startswith("python:")  # else: one process at a time, below
-                units = calibrate.probe_units(self.stats.blocks, group)
-                measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
-                                           group, units, {c.label(): self._load(c) for c in group})
-                self.links[n] = calibrate.fitted(measured["collectives"])
-                self._fixed(group, measured["fixed"], units)
-                steps = {int(b): tuple(v) for b, v in measured["steps"].items()}
-                staged = measured["stages"]
-            elif n > 1:
+                steps, staged = self._together(n, group, batches, stages)
+            if n > 1 and n not in self.links:
                 self.links[n] = calibrate.loopback(n)
             threads = cores() if n == 1 else threads_for(n)
             for b in sorted(batches):
@@ -104,6 +98,24 @@ class Machine:
                 staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
             for c in group:
                 self._stage_rate(c, global_batch, staged)
+
+    def _together(self, n: int, group: list[Candidate], batches: set[int], stages: list) -> tuple[dict, dict]:
+        """The model's steps, pipeline stages, collectives and fixed costs measured in ``n`` processes at once;
+        ({}, {}) and a note in ``problems`` if that fails (then one process measures, as with ``concurrent=False``:
+        the advice goes on)."""
+        by_name = not self.cfg.workload.startswith("python:")  # else: one process at a time, in calibrate
+        units = calibrate.probe_units(self.stats.blocks, group)
+        try:
+            measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
+                                       group, units, {c.label(): self._load(c) for c in group})
+        except Exception as err:  # noqa: BLE001 - a failed calibration costs accuracy, not the advice
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            self.problems.append(f"calibrating {n} processes at once failed ({reason[:200]}); their predictions "
+                                 "use one process's measurements")
+            return {}, {}
+        self.links[n] = calibrate.fitted(measured["collectives"])
+        self._fixed(group, measured["fixed"], units)
+        return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
 
     def _calibrate_gpus(self, candidates: list[Candidate], global_batch: int) -> None:
         """On GPUs every rank has a device of its own: one GPU's steps, timed here at each pass batch, stand for
