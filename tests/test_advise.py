@@ -245,6 +245,26 @@ def test_bad_advise_input_is_one_line(argv, message, tmp_path, capsys):
     assert not (out / "advice.json").exists()
 
 
+def test_a_budget_too_small_for_the_single_process_is_refused_with_what_it_needs():
+    """The budget is checked against the single process's trial as predicted (start-up, warm-up and the steps
+    it measures, each at twice the predicted time), before any trial runs."""
+    from parallelnn.advise import advisor
+    from parallelnn.advise.costs import Candidate
+    from parallelnn.errors import UserError
+    from parallelnn.parallel import Layout
+
+    class Predicted:
+        step_seconds = 0.05
+
+    row = advisor.Row(Candidate("single", Layout()), Predicted())
+    need = advisor.trial_seconds(row, 1)  # 4 s + (5 warm-up + 20 measured steps) x 2 x 0.05 s
+    assert need == pytest.approx(advisor.START_SECONDS + 25 * 2 * 0.05)
+    assert advisor.choose_trials([row], 8, budget=need) == [row]
+    with pytest.raises(UserError, match=rf"--budget-seconds 5 is too small for one trial: the single process needs "
+                                        rf"about {need:.0f} s here"):
+        advisor.choose_trials([row], 8, budget=5)
+
+
 def test_a_workload_that_fails_its_first_step_is_named(tmp_path, capsys):
     task = tmp_path / "task.py"
     task.write_text(textwrap.dedent("""

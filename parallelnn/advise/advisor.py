@@ -31,6 +31,8 @@ from parallelnn.advise.stats import model_stats
 from parallelnn.errors import UserError
 
 MAX_TRIALS = 8
+# A trial's start-up before its first step: one process, or a torchrun job of several.
+START_SECONDS, JOB_START_SECONDS = 4.0, 8.0
 # Options advise chooses itself (the layout: strategy, processes and every strategy's own options) or that
 # trials do not use: giving them would contradict the advice.
 CHOSEN = ("strategy", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout", "max_restarts", "resume",
@@ -91,6 +93,9 @@ def _settings(ns: argparse.Namespace, cfg) -> tuple[int, float, int]:
         raise UserError(f"--trials {ns.trials}: between 1 and {MAX_TRIALS} (0 only with --predict)")
     if not ns.budget_seconds > 0:
         raise UserError(f"--budget-seconds {ns.budget_seconds}: must be positive")
+    if ns.budget_seconds < START_SECONDS:  # refused before calibrating: no prediction can make it enough
+        raise UserError(f"--budget-seconds {ns.budget_seconds:g} is too small for one trial: the single process needs "
+                        f"{START_SECONDS:g} s to start, and its steps besides")
     return nproc_max, ns.budget_seconds, ns.trials
 
 
@@ -139,7 +144,7 @@ def trial_seconds(row: Row, n: int) -> float:
     """Wall-clock estimate of a trial: start-up (one process, or a torchrun job) and its steps."""
     predicted = row.prediction.step_seconds if row.prediction else 0.1
     steps = trials_.WARMUP_STEPS + trials_.steps_to_measure(predicted)
-    return (4.0 if n == 1 else 8.0) + steps * 2 * predicted
+    return (START_SECONDS if n == 1 else JOB_START_SECONDS) + steps * 2 * predicted
 
 
 def choose_trials(rows: list[Row], count: int, budget: float) -> list[Row]:
