@@ -69,11 +69,9 @@ def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path,
             if on_gpu(cfg):  # the trial keeps only its own training samples on the device
                 limit = trials.trial_config(cfg, row.candidate, out, len(workload.train),
                                             trials.steps_to_measure(row.prediction.step_seconds)).limit
-                whole, whole_train = resident_bytes(workload), workload.train
-                workload.train = workload.train.head(limit)
-                row.prediction.memory_breakdown["data"] += resident_bytes(workload) - whole
-                row.prediction.memory_bytes_per_rank += resident_bytes(workload) - whole
-                workload.train = whole_train
+                fewer = resident_bytes(workload, limit) - resident_bytes(workload)
+                row.prediction.memory_breakdown["data"] += fewer
+                row.prediction.memory_bytes_per_rank += fewer
     if on_gpu(cfg):
         return rows, None
     # The noise floor: the first trial (the single process) once more, after all the others.

@@ -171,6 +171,7 @@ def test_gpu_memory_parts_are_the_measured_peak_less_what_is_counted_and_the_res
 
     cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
     assert resident_bytes(workload) == (4000 + 1000) * (28 * 28 * 4 + 8)  # float pixels, int64 labels
+    assert resident_bytes(workload, train_samples=2048) == (2048 + 1000) * (28 * 28 * 4 + 8)
     stats = ModelStats(**model_stats(workload))
     machine = Machine(workload, cfg, stats)
     machine.rates[(1, 64)], machine.updates[1] = 1e9, [0.0]  # no calibration: these parts need none

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from parallelnn import measure
 from parallelnn.parallel.engine import Engine
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]
@@ -60,15 +62,6 @@ def timed_steps(step, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def device_sync(device: torch.device):
-    """What waits for ``device``'s queued work (nothing on a CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
 @contextlib.contextmanager
 def _threads(threads: int):
     """Compute with ``threads`` threads meanwhile, with glibc's malloc kept from returning activation buffers
@@ -90,7 +83,7 @@ def step_seconds(workload, cfg, threads: int, batch: int,
     threads, one process, on ``device``. Apart, because a pipeline runs the first per microbatch and the
     second once a step, and a sharded rank updates only its share of the parameters."""
     engine, x, y = _engine_on(workload, cfg, batch, device)
-    sync = device_sync(device)
+    sync = functools.partial(measure.synchronize, device)
     with _threads(threads):
         whole = timed_steps(lambda: engine.train_step(x, y, 1.0 / len(x)), sync)
         update = timed_steps(engine._step_optimizer, sync)  # the gradients of the last step, applied again
@@ -118,9 +111,9 @@ def cuda_step_bytes(workload, cfg, batch: int, device: torch.device) -> int:
     if clear is not None:  # cuBLAS keeps its workspace between calls: a run allocates it, so must this count
         clear()
     torch.cuda.empty_cache()
-    torch.cuda.synchronize(device)
+    measure.synchronize(device)
     before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    measure.reset_peak_memory(device)
     engine, x, y = _engine_on(workload, cfg, batch, device)
     last = len(workload.train) % len(x)
     for xb, yb in [(x, y)] * 3 + ([(x[:last], y[:last])] if last else []):
@@ -128,8 +121,8 @@ def cuda_step_bytes(workload, cfg, batch: int, device: torch.device) -> int:
     tested = len(workload.test) % len(x) if workload.test is not None else 0
     for n in [len(x)] + ([tested] if tested else []):
         engine.eval_step(x[:n], y[:n])
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    measure.synchronize(device)
+    peak = measure.peak_memory_bytes(device) - before
     del engine, x, y
     gc.collect()
     torch.cuda.empty_cache()
@@ -171,7 +164,7 @@ def _time_collectives(rank: int, world: int, device: torch.device = torch.device
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in KINDS}
-    sync = device_sync(device)
+    sync = functools.partial(measure.synchronize, device)
     for size in SIZES:
         n = size // 4
         t = torch.ones(n, device=device)

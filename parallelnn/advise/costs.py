@@ -431,8 +431,12 @@ def _batch_problem(inp: CostInputs) -> str | None:
     return None
 
 
+#: Optimizer state a parameter holds, in bytes: Adam(W)'s two fp32 moments.
+ADAM_STATE_BYTES = 8
+
+
 def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_batch: int, dtype: str = "bf16",
-                 optimizer_state_bytes_per_param: float = 8, nodes: int | None = None,
+                 optimizer_state_bytes_per_param: float = ADAM_STATE_BYTES, nodes: int | None = None,
                  fixed_seconds: float = 0.0, extra_memory: dict[str, float] | None = None) -> Prediction:
     """One training step of ``candidate`` on ``hw``: time, memory per rank, and whether it can run.
     ``fixed_seconds``: what the step costs besides compute and bytes, when measured (then ``hw``'s links

@@ -143,11 +143,11 @@ class Machine:
         """What a GPU rank holds besides the modelled state: the allocator's measured peak of one process's step at
         this pass batch less the parts the model counts for it (cuBLAS' workspace, backward's temporaries,
         autocast copies), and the data a memory loader keeps on the device (each rank holds every split)."""
-        from parallelnn.advise.costs import CostInputs, activation_bytes, model_state
+        from parallelnn.advise.costs import ADAM_STATE_BYTES, CostInputs, activation_bytes, model_state
 
         b = candidate.pass_batch(global_batch)
         whole = replace(candidate, activation_checkpointing=False)  # as calibrated: the whole model, plainly
-        inp = CostInputs(self.stats, hw, whole, b, dtype, 8, 1)
+        inp = CostInputs(self.stats, hw, whole, b, dtype, ADAM_STATE_BYTES, 1)
         counted = sum(model_state(inp, self.stats.parameters).values()) + activation_bytes(inp, b)
         return {"runtime": max(0.0, self.step_bytes[b] - counted),
                 "data": resident_bytes(self.workload) if self.cfg.loader == "memory" else 0.0}
@@ -241,15 +241,16 @@ class Machine:
                             extra_memory=extra)
 
 
-def resident_bytes(workload) -> float:
-    """Bytes of the data the memory loader keeps on the device: every split, prepared whole."""
+def resident_bytes(workload, train_samples: int | None = None) -> float:
+    """Bytes of the data the memory loader keeps on the device: every split, prepared whole (of the training
+    split, its first ``train_samples`` only when given, as a run with ``--limit`` keeps it)."""
     total = 0.0
-    for split in (workload.train, workload.test):
+    for split, kept in ((workload.train, train_samples), (workload.test, None)):
         if split is None or not len(split):
             continue
         one = split.head(1)
         x, y = one.prepare(one.inputs), one.targets
-        total += len(split) * (x.numel() * x.element_size() + y.numel() * y.element_size())
+        total += min(len(split), kept or len(split)) * (x.numel() * x.element_size() + y.numel() * y.element_size())
     return total
 
 

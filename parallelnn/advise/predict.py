@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from parallelnn import parallel
-from parallelnn.advise.costs import Candidate, ModelStats, Prediction, predict_step
+from parallelnn.advise.costs import ADAM_STATE_BYTES, Candidate, ModelStats, Prediction, predict_step
 from parallelnn.advise.hardware import Hardware
 
 MODEL_ASSUMPTIONS = (
@@ -94,7 +94,8 @@ def _row(p: Prediction, devices: int, nodes: int, baseline: float, tokens: int |
 
 def predict_curves(stats: ModelStats, hw: Hardware, global_batch: int, dtype: str = "bf16",
                    device_counts: Sequence[int] | None = None, strategies: Iterable[str] | None = None,
-                   checkpointing: Sequence[bool] = (False,), optimizer_state_bytes_per_param: float = 8) -> Curves:
+                   checkpointing: Sequence[bool] = (False,),
+                   optimizer_state_bytes_per_param: float = ADAM_STATE_BYTES) -> Curves:
     """Predicted step time, samples/s, speedup over one device (the fastest one-device prediction, memory
     aside), memory per rank and feasibility of every candidate at each device count."""
     counts = list(device_counts or device_counts_for(hw))
