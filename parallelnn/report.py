@@ -386,13 +386,16 @@ def _advice(sources: Sequence[Any], out: Path) -> tuple[list, list]:
         if isinstance(source, (str, os.PathLike)):
             path = Path(os.path.expanduser(str(source)))
             found += [path] if path.name == "advice.json" else sorted(path.rglob("advice.json")) if path.is_dir() else []
+    if not found:
+        return sections, figures
+    from parallelnn.advise.answer import plot, step_iqr_text  # the cost model's modules: only for advice
+
     for i, path in enumerate(found):
         try:
             advice = json.loads(path.read_text())
             rows = [{"candidate": c["label"], "predicted_ms": _ms(c.get("predicted_step_seconds")),
                      "measured_ms": _ms(c.get("measured_step_seconds")),
-                     "step_iqr": (f"{c['measured_step_iqr']:.0%}" if c.get("measured_step_seconds")
-                                  and c.get("measured_step_iqr") is not None else None),
+                     "step_iqr": step_iqr_text(c),
                      "error": _error(c.get("predicted_step_seconds"), c.get("measured_step_seconds")),
                      "memory_mb": round(c["memory_bytes_per_rank"] / 1e6, 2) if c.get("memory_bytes_per_rank") else None,
                      "note": c.get("reason") or ((c.get("trial") or {}).get("reason") or "")}
@@ -403,8 +406,6 @@ def _advice(sources: Sequence[Any], out: Path) -> tuple[list, list]:
         rec = advice.get("recommendation") or {}
         sections.append((f"Advice for {advice.get('workload')}: {rec.get('sentence', 'no trial was measured')}",
                          rows, list(ADVICE_COLUMNS)))
-        from parallelnn.advise.answer import plot
-
         name = f"advice-{i + 1}.png"
         if plot(advice, out / "plots" / name):
             figures.append((f"Advice for {advice.get('workload')}", f"plots/{name}",

@@ -115,12 +115,18 @@ MEMORY_NOTE = (
     "measured_peak_memory_bytes: torch.cuda.max_memory_allocated of the largest rank over the trial")
 
 
+def step_iqr_text(candidate: dict[str, Any]) -> str | None:
+    """A measured candidate's step IQR as a percentage (None if it was not measured)."""
+    iqr = candidate.get("measured_step_iqr")
+    return f"{iqr:.0%}" if candidate.get("measured_step_seconds") and iqr is not None else None
+
+
 def table(advice: dict[str, Any]) -> str:
     lines = [f"{'candidate':38} {'predicted':>10} {'measured':>10} {'IQR':>5} {'error':>7} {'memory/rank':>12}  note"]
     for c in advice["candidates"]:
         pred, meas = c["predicted_step_seconds"], c["measured_step_seconds"]
         err = f"{(pred - meas) / meas:+.0%}" if pred and meas else ""
-        iqr = f"{c['measured_step_iqr']:.0%}" if meas and c.get("measured_step_iqr") is not None else ""
+        iqr = step_iqr_text(c) or ""
         mem = f"{c['memory_bytes_per_rank'] / 1e6:,.1f} MB" if c["memory_bytes_per_rank"] else ""
         note = c["reason"] or ((c["trial"] or {}).get("reason") or "")
         lines.append(f"{c['label'][:38]:38} {_ms(pred):>10} {_ms(meas):>10} {iqr:>5} {err:>7} {mem:>12}  {note[:70]}")
