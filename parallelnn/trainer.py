@@ -93,9 +93,9 @@ class StopFlag:
     previous step's result, so agreeing costs no waiting on the training's own devices or groups.
     """
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, backend: str = "gloo"):
         self.local = 0
-        self.group = dist.new_group(backend="gloo") if ctx.multi_rank else None
+        self.group = dist.new_group(backend=backend) if ctx.multi_rank else None
         self._work = None
         self._buf = torch.zeros(1, dtype=torch.int32)
 

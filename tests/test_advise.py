@@ -118,6 +118,28 @@ def test_fixed_costs_are_measured_on_a_probe_of_the_candidates_layout():
     assert set(measured["collectives"]) == set(calibrate.KINDS)
 
 
+def test_one_process_measures_the_links_and_the_strategies_own_code_for_two():
+    """Calibrating two ranks in one process (extrapolation, and the fallback when two processes fail): gloo's
+    collectives between two ranks that are threads, fitted like two processes'; each candidate's fixed cost as
+    rank 0 of two under a fake process group, its collective calls per step counted as issued (FSDP: two
+    all-gathers and a reduce-scatter per block; tensor parallelism: the one row-wise all-reduce of the
+    probe's single Linear pair; both: the trainer's stop-flag all-reduce). DDP's reducer cannot run on the fake
+    group: left out (its calls keep the link's latency)."""
+    from parallelnn.advise.costs import Candidate
+    from parallelnn.parallel import Layout
+
+    cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
+    group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
+    measured = calibrate.alone_seconds(2, cfg, group, 3, {}, {}, timeout=120)
+    assert set(measured["collectives"]) == set(calibrate.KINDS)
+    for kind, fit in calibrate.fitted(measured["collectives"]).items():
+        assert 0 < fit["latency"] < 0.05 and fit["bandwidth"] > 1e7, (kind, fit)
+    assert measured["calls"]["fsdp dp2"] == {"all_gather": 6, "reduce_scatter": 3, "all_reduce": 1}
+    assert measured["calls"]["tensor tp2"] == {"all_reduce": 2}
+    assert set(measured["fixed"]) == {"fsdp dp2", "tensor tp2"}
+    assert measured["fixed"]["fsdp dp2"] > measured["fixed"]["tensor tp2"] > 0
+
+
 def test_model_statistics_of_the_mnist_cnn():
     cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
     s = model_stats(workload)

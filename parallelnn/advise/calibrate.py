@@ -158,28 +158,15 @@ def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: in
     return found
 
 
-def _time_collectives(rank: int, world: int, device: torch.device = torch.device("cpu")) -> dict[str, list]:
-    import torch.distributed as dist
-
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _time_kinds(ops_for, barrier, sync=lambda: None) -> dict[str, list]:
+    """Median seconds of each collective kind at each of SIZES: ``ops_for(floats)`` gives {kind: a call} on
+    tensors of that many floats; ``barrier`` lines the ranks up before each call."""
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in KINDS}
-    sync = functools.partial(measure.synchronize, device)
     for size in SIZES:
-        n = size // 4
-        t = torch.ones(n, device=device)
-        parts = torch.ones(n // world * world, device=device)
-        gathered = torch.empty(n // world * world, device=device)
-        ops = {
-            "all_reduce": lambda: dist.all_reduce(t),
-            "all_gather": lambda: all_gather(gathered, parts[: n // world]),
-            "reduce_scatter": lambda: reduce_scatter(parts[: n // world].clone(), parts),
-            "send_recv": lambda: (dist.send(t, 1) if rank == 0 else dist.recv(t, 0)) if rank < 2 else None,
-        }
-        for kind, op in ops.items():
+        for kind, op in ops_for(size // 4).items():
             times = []
             for _ in range(7):
-                dist.barrier()
+                barrier()
                 sync()
                 t0 = time.perf_counter()
                 op()
@@ -187,6 +174,68 @@ def _time_collectives(rank: int, world: int, device: torch.device = torch.device
                 times.append(time.perf_counter() - t0)
             results[kind].append((size, statistics.median(times[2:])))
     return results
+
+
+def _time_collectives(rank: int, world: int, device: torch.device = torch.device("cpu")) -> dict[str, list]:
+    import torch.distributed as dist
+
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def ops_for(n: int) -> dict:
+        t = torch.ones(n, device=device)
+        parts = torch.ones(n // world * world, device=device)
+        gathered = torch.empty(n // world * world, device=device)
+        return {
+            "all_reduce": lambda: dist.all_reduce(t),
+            "all_gather": lambda: all_gather(gathered, parts[: n // world]),
+            "reduce_scatter": lambda: reduce_scatter(parts[: n // world].clone(), parts),
+            "send_recv": lambda: (dist.send(t, 1) if rank == 0 else dist.recv(t, 0)) if rank < 2 else None,
+        }
+
+    return _time_kinds(ops_for, dist.barrier, functools.partial(measure.synchronize, device))
+
+
+def inprocess_collectives(world: int) -> dict[str, list]:
+    """The collectives of :func:`_time_collectives` between ``world`` gloo ranks that are threads of this one
+    process: gloo's own transport (TCP over loopback), threads and copies, as a job's ranks use them, without
+    other processes (what it leaves out: ranks competing for the cores with their compute)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    groups: list = [None] * world
+    found: list = [None] * world
+    lined_up = threading.Barrier(world)
+
+    def make(rank: int) -> None:
+        groups[rank] = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=60))
+
+    def ops_for(rank: int, n: int) -> dict:
+        g = groups[rank]
+        t, parts, gathered = torch.ones(n), torch.ones(n // world * world), torch.empty(n // world * world)
+        return {
+            "all_reduce": lambda: g.allreduce([t]).wait(),
+            "all_gather": lambda: g._allgather_base(gathered, parts[: n // world]).wait(),
+            "reduce_scatter": lambda: g._reduce_scatter_base(parts[: n // world].clone(), parts).wait(),
+            "send_recv": lambda: ((g.send([t], 1, 0) if rank == 0 else g.recv([t], 0, 0)).wait()
+                                  if rank < 2 else None),
+        }
+
+    def time_them(rank: int) -> None:
+        found[rank] = _time_kinds(functools.partial(ops_for, rank), lined_up.wait)
+
+    for job in (make, time_them):
+        threads = [threading.Thread(target=job, args=(r,), daemon=True) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if any(t.is_alive() for t in threads):
+            raise RuntimeError(f"{world} gloo ranks in one process did not finish timing their collectives")
+    return found[0]
 
 
 def _time_steps(cfg, batches: list[int], stages: list[tuple[int, int, int]]) -> dict[str, dict]:
@@ -318,12 +367,16 @@ def _agreed_steps(warm: list[float]) -> int:
 
 
 def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float = 0.0, mm: float = 0.0,
-               alone: dict | None = None) -> float | None:
+               alone: dict | None = None, latency: dict[str, float] | None = None,
+               calls: dict[str, dict[str, int]] | None = None) -> float | None:
     """Median step seconds of ``candidate``'s strategy on the probe, less what that step would take without
     fixed costs (:func:`_without_fixed`, from the probe's plain step); None when the strategy refuses the
     probe (every rank decides the same, so none waits for another). ``ballast``:
     seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate.
-    ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once."""
+    ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once.
+    ``latency``: under a fake process group (one process standing for rank 0 of ``world``, its collectives
+    doing nothing), seconds a call of each kind takes; the step's calls are counted (:class:`CallCount`) and
+    their latency added to what the strategy's own code costs, and noted in ``calls`` by candidate."""
     from dataclasses import replace
 
     from parallelnn import parallel
@@ -351,7 +404,8 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + MOST_STEPS)
     x = workload.train.inputs[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
     y = workload.train.targets[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
-    stop = StopFlag(ctx)  # the trainer agrees on stop requests every step: part of a step's fixed cost
+    # The trainer agrees on stop requests every step: part of a step's fixed cost.
+    stop = StopFlag(ctx, backend="gloo" if latency is None else "fake")
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -361,11 +415,18 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
 
     warm = [step() for _ in range(PROBE_WARMUP)]
     times = [step() for _ in range(_agreed_steps(warm))]
+    waiting = 0.0
+    if latency is not None:
+        with CallCount() as counted:
+            step()
+        waiting = sum(n * latency[kind] for kind, n in counted.calls.items())
+        if calls is not None:
+            calls[candidate.label()] = counted.calls
     stop.drain()
     if key not in alone:
         plain = Engine(pristine, workload, ccfg, ctx.device, total_steps=MOST_STEPS)
         alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
-    return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key]))
+    return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key])) + waiting
 
 
 def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
@@ -386,11 +447,13 @@ def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
 
 
 def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],
-                  passes: dict[int, tuple[float, float]]) -> dict[str, float]:
+                  passes: dict[int, tuple[float, float]], latency: dict[str, float] | None = None,
+                  calls: dict[str, dict[str, int]] | None = None) -> dict[str, float]:
     """Every candidate's fixed cost; under the compute load of the real model where its step was timed:
     ``loads[label]`` (the share of a whole forward + backward a rank of that candidate computes) times the
     pass seconds measured at the batch one of its passes handles (a pipeline's microbatch), spread over the
-    probe's blocks."""
+    probe's blocks. ``latency``: one process under a fake process group (see :func:`_probe_one`); a strategy
+    that cannot run so is left out."""
     import torch.distributed as dist
 
     mm = mm_seconds()
@@ -401,13 +464,74 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
         measured = passes.get(batch)
         ballast = loads.get(c.label(), 0.0) * measured[0] / batch / units if measured else 0.0
         dist.barrier()
-        seconds = _probe_one(cfg, c, units, rank, world, ballast, mm, alone)
+        try:
+            seconds = _probe_one(cfg, c, units, rank, world, ballast, mm, alone, latency, calls)
+        except Exception:  # noqa: BLE001 - with real ranks a failure is the calibration's; alone, one candidate's
+            if latency is None:
+                raise
+            seconds = None
         if seconds is not None:
             found[c.label()] = seconds
     return found
 
 
-def _worker(rank: int, world: int, port: int, out: str, cfg, batches: list[int], stages, candidates,
+#: Collective ops, as the dispatcher names them (c10d's and the functional ones DTensor issues), by kind.
+CALL_KINDS = {"allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce", "all_reduce": "all_reduce",
+              "all_reduce_coalesced": "all_reduce", "broadcast_": "all_reduce", "barrier": "all_reduce",
+              "_allgather_base_": "all_gather", "allgather_": "all_gather",
+              "allgather_into_tensor_coalesced_": "all_gather", "all_gather_into_tensor": "all_gather",
+              "all_gather_into_tensor_coalesced": "all_gather", "_reduce_scatter_base_": "reduce_scatter",
+              "reduce_scatter_": "reduce_scatter", "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+              "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_tensor_coalesced": "reduce_scatter",
+              "send": "send_recv", "recv_": "send_recv", "recv_any_source_": "send_recv"}
+
+
+class CallCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the collective calls issued meanwhile, by kind (``calls``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            kind = CALL_KINDS.get(func._schema.name.split("::")[-1])
+            if kind:
+                self.calls[kind] = self.calls.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def alone_seconds(world: int, cfg, candidates, units: int, loads: dict[str, float],
+                  passes: dict[int, tuple[float, float]], timeout: float = 300.0) -> dict[str, Any]:
+    """What :func:`spawn` measures between ``world`` processes, measured in one: the collectives between gloo
+    ranks that are threads (:func:`inprocess_collectives`), and each candidate's fixed cost as rank 0 of
+    ``world`` under a fake process group (its strategy's own code run at the real layout, its collectives
+    doing nothing), plus its calls per step (``calls``, by kind) times their latency. Run in a fresh process (a default process
+    group, even a fake one, is not for the advising process to keep)."""
+    return _in_fresh_process(_alone_worker, (world, cfg, list(candidates), units, loads, passes), 1, timeout)
+
+
+def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, loads, passes) -> None:
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    from parallelnn.launch import keep_freed_memory
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_flush_denormal(True)  # the fake collectives leave whatever memory held: no slow denormals
+    keep_freed_memory()
+    raw = inprocess_collectives(world)
+    latency = {kind: f["latency"] for kind, f in fitted(raw).items()}
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    calls: dict[str, dict[str, int]] = {}
+    try:
+        fixed = probe_seconds(cfg, candidates, units, 0, world, loads, passes, latency, calls) if candidates else {}
+    finally:
+        dist.destroy_process_group()
+    Path(out).write_text(json.dumps({"collectives": raw, "fixed": fixed, "calls": calls}))
+
+
+def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int], stages, candidates,
             units: int, loads: dict[str, float], device_type: str = "cpu") -> None:
     """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
     model's steps timed while the others step too, the collectives, then the candidates' fixed costs.
@@ -450,61 +574,33 @@ def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(
     """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements. Processes still running
     after ``timeout`` seconds are ended (RuntimeError)."""
     import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    args = (world, port, cfg, list(batches), list(stages), list(candidates), units, loads or {}, device_type)
+    return _in_fresh_process(_worker, args, world, timeout)
+
+
+def _in_fresh_process(target, args: tuple, nprocs: int = 1, timeout: float = 300.0) -> dict[str, Any]:
+    """``target(index, out, *args)`` in ``nprocs`` fresh processes; what they wrote to ``out`` (JSON).
+    Processes still running after ``timeout`` seconds are ended (RuntimeError)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        args = (world, port, out, cfg, list(batches), list(stages), list(candidates), units, loads or {},
-                device_type)
-        context = mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn", join=False)
+        context = mp.start_processes(target, args=(out, *args), nprocs=nprocs, start_method="spawn", join=False)
         deadline = time.monotonic() + timeout
         while not context.join(timeout=1.0):
             if time.monotonic() > deadline:
                 for process in context.processes:
                     process.kill()
-                raise RuntimeError(f"calibrating {world} processes took over {timeout:.0f} s")
+                raise RuntimeError(f"calibrating {nprocs} process{'es' if nprocs > 1 else ''} took over "
+                                   f"{timeout:.0f} s")
         return json.loads(Path(out).read_text())
 
 
 def fitted(raw: dict[str, list]) -> dict[str, dict[str, Any]]:
     return {kind: {**fit(points), "points": points} for kind, points in raw.items()}
-
-
-def loopback(world: int) -> dict[str, dict[str, float]]:
-    """Without other processes: the loopback transport gloo uses (TCP through the kernel), timed in this
-    process between two sockets, as the collectives' link (every kind the same; a ring of ``world`` moves
-    2(n-1)/n of the bytes twice for an all-reduce, which :func:`parallelnn.advise.local.link_for` applies)."""
-    import socket
-    import threading
-
-    a, b = socket.socketpair()
-    points = []
-    try:
-        for size in SIZES:
-            payload = b"x" * size
-            times = []
-            for _ in range(5):
-                got = bytearray()
-
-                def read():
-                    while len(got) < size:
-                        got.extend(b.recv(size - len(got)))
-
-                reader = threading.Thread(target=read)
-                t0 = time.perf_counter()
-                reader.start()
-                a.sendall(payload)
-                reader.join()
-                times.append(time.perf_counter() - t0)
-            points.append((size, statistics.median(times[1:])))
-    finally:
-        a.close()
-        b.close()
-    one = fit(points)
-    # A two-rank all-reduce is a send each way at once: the fitted one-way figures, as all_reduce's fit.
-    return {kind: dict(one) for kind in KINDS}

@@ -4,11 +4,12 @@ On a CPU, N ranks share C cores: each rank computes with C/N threads, at the rat
 for that thread count and the batch one compute pass handles (the per-rank batch; for a pipeline, its
 busiest rank's stages timed on a microbatch); the optimizer step apart, per parameter a rank updates; its
 memory is the N-th part of RAM; its links are gloo over loopback, fitted per collective kind from N real
-processes; collectives do not hide behind compute (gloo's threads need the same cores), so
+processes (with ``concurrent=False``, N gloo ranks that are threads of one process); collectives do not hide behind compute (gloo's threads need the same cores), so
 ``comm_overlap`` is 0. What a step costs besides computing and moving bytes — the strategy's hooks, each
 collective call's latency in the pattern the strategy issues them, a schedule's per-microbatch work — is
-each candidate's *fixed cost*, measured on a probe model (:func:`.calibrate.probe_seconds`); the links
-then carry bandwidth only, so no latency counts twice.
+each candidate's *fixed cost*, measured on a probe model (:func:`.calibrate.probe_seconds`; with
+``concurrent=False``, in one process under a fake process group, its calls' latency added as counted); the
+links then carry bandwidth only, so no latency counts twice.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class Machine:
     they contend for memory bandwidth too) and their collectives."""
 
     def __init__(self, workload, cfg, stats: ModelStats, concurrent: bool = True):
-        """``concurrent=False``: calibrate with this one process only (each rank's thread count, and the
-        loopback transport measured in-process), to test how well the model extrapolates to N processes."""
+        """``concurrent=False``: calibrate with one process only (each rank's thread count; gloo ranks as threads;
+        the strategies' code under a fake process group), to test how well the model extrapolates to N
+        processes."""
         self.workload, self.cfg, self.stats, self.concurrent = workload, cfg, stats, concurrent
         self.rates: dict[tuple[int, int], float] = {}  # (processes, pass batch) -> FLOP/s of one rank
         self.links: dict[int, dict[str, Any]] = {}
@@ -87,13 +89,15 @@ class Machine:
             staged: dict[str, float] = {}
             if n > 1 and self.concurrent:
                 steps, staged = self._together(n, group, batches, stages)
-            if n > 1 and n not in self.links:
-                self.links[n] = calibrate.loopback(n)
             threads = cores() if n == 1 else threads_for(n)
             for b in sorted(batches):
-                passes, update = steps.get(b) or calibrate.step_seconds(self.workload, self.cfg, threads, b)
+                if b not in steps:
+                    steps[b] = calibrate.step_seconds(self.workload, self.cfg, threads, b)
+                passes, update = steps[b]
                 self.rates[(n, b)] = self._rate(passes, b)
                 self.updates.setdefault(n, []).append(update / max(self.stats.parameters, 1))
+            if n > 1 and n not in self.links:
+                self._alone(n, group, steps)
             if stages and not staged:
                 staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
             for c in group:
@@ -109,13 +113,28 @@ class Machine:
             measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
                                        group, units, {c.label(): self._load(c) for c in group})
         except Exception as err:  # noqa: BLE001 - a failed calibration costs accuracy, not the advice
-            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            self.problems.append(f"calibrating {n} processes at once failed ({reason[:200]}); their predictions "
+            self.problems.append(f"calibrating {n} processes at once failed ({_last_line(err)}); their predictions "
                                  "use one process's measurements")
             return {}, {}
         self.links[n] = calibrate.fitted(measured["collectives"])
         self._fixed(group, measured["fixed"], units)
         return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
+
+    def _alone(self, n: int, group: list[Candidate], steps: dict[int, tuple[float, float]]) -> None:
+        """The links and fixed costs of ``n`` processes, measured in one (:func:`.calibrate.alone_seconds`):
+        what the strategies' own code costs and how long their calls take, not how ranks sharing the cores
+        slow each other. If even that fails, it is noted and communication is left out."""
+        units = calibrate.probe_units(self.stats.blocks, group)
+        try:
+            measured = calibrate.alone_seconds(n, self.cfg, group, units, {c.label(): self._load(c) for c in group},
+                                               steps)
+        except Exception as err:  # noqa: BLE001 - as in _together: a failed calibration costs accuracy only
+            self.problems.append(f"calibrating {n} ranks in one process failed ({_last_line(err)}); their "
+                                 "collectives and fixed costs are not predicted (taken as free)")
+            self.links[n] = {}
+            return
+        self.links[n] = calibrate.fitted(measured["collectives"])
+        self._fixed(group, measured["fixed"], units)
 
     def _calibrate_gpus(self, candidates: list[Candidate], global_batch: int) -> None:
         """On GPUs every rank has a device of its own: one GPU's steps, timed here at each pass batch, stand for
@@ -239,6 +258,11 @@ class Machine:
         return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
                             fixed_seconds=self.fixed.get(candidate.label(), 0.0) + (self.loop or 0.0),
                             extra_memory=extra)
+
+
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[-1] if text else type(err).__name__)[:200]
 
 
 def resident_bytes(workload, train_samples: int | None = None) -> float:
