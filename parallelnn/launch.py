@@ -329,6 +329,27 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _check_in_exit_barrier(endpoint: str, run_id: str, nnodes: int) -> None:
+    """Count this failed node in torchrun's exit barrier, so node 0's agent does not wait for it.
+
+    torch elastic's agent (``SimpleElasticAgent._invoke_run``) enters its exit barrier (a count on the
+    rendezvous store, ``torchelastic/agent/terminal_state``, up to ``exit_barrier_timeout``: 300 s) only
+    when its own ranks succeeded; an agent whose ranks failed returns at once without checking in. So when
+    a rank on node I > 0 fails after node 0's ranks finished (e.g. a rank aborting at exit), node 0's agent,
+    which hosts the store, waits the full 300 s for a node that has already gone, then says nothing.
+    Best effort, in a few seconds: node 0 may have failed and gone too.
+    """
+    from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+    from torch.distributed.elastic.utils.store import _barrier_nonblocking
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=3))
+        _barrier_nonblocking(dist.PrefixStore(run_id, client), nnodes, _TERMINAL_STATE_SYNC_ID)
+    except Exception:  # noqa: BLE001 - node 0 is gone: nobody waits
+        pass
+
+
 def spawn(cfg, argv: list[str]) -> None:
     """Run ``python -m parallelnn <argv>`` as ``cfg.nproc`` ranks on this node through torchrun's agent."""
     import signal
@@ -372,6 +393,8 @@ def spawn(cfg, argv: list[str]) -> None:
     except SignalException as err:  # this launcher was told to stop: the ranks saved a checkpoint
         raise LaunchFailed(f"stopped by {signal.Signals(err.sigval).name}", 128 + err.sigval, stopped=True) from None
     except ChildFailedError as err:
+        if cfg.nnodes > 1 and cfg.node_rank != 0:
+            _check_in_exit_barrier(endpoint, run_id, cfg.nnodes)
         codes = {f.exitcode for f in err.failures.values()}
         stop_codes = {128 + signal.SIGTERM, 128 + signal.SIGINT}
         if codes <= stop_codes:  # every failed rank stopped on a signal, after saving a checkpoint

@@ -84,8 +84,15 @@ class Watchdog:
         self._changed.set()
 
     def close(self) -> None:
+        """Stop the thread and wait for it to leave the store call it may be in (usually milliseconds; each
+        call is bounded by the store's timeout): a daemon thread still inside a TCPStore call when the
+        interpreter exits is ended inside C++, which aborts the process ("terminate called without an active
+        exception", exit status 134) after a run that succeeded, and on a node > 0 leaves node 0's agent
+        waiting in torch's exit barrier (see ``launch._check_in_exit_barrier``)."""
         self._stop.set()
         self._changed.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=35)
 
     def limit(self, phase: int) -> float:
         """How long this rank may go without progress in ``phase``: --timeout, plus, in an evaluation or
@@ -114,7 +121,7 @@ class Watchdog:
                     self._publish()
                     last_publish = now
                     self._stop.wait(MIN_GAP)  # at most ~50 entries a second, however short the steps
-                if now - last_judge >= self.interval:
+                if now - last_judge >= self.interval and not self._stop.is_set():
                     last_judge = now
                     if self.store.check(["abort"]):
                         self._obey(self.store.get("abort"))

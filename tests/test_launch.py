@@ -112,7 +112,11 @@ def test_node_rank_0_holds_global_rank_0_whichever_machine_starts_first(tmp_path
     first = subprocess.Popen(cmds[1], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(2)
     second = subprocess.Popen(cmds[0], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    (out1, err1), (out0, err0) = first.communicate(timeout=240), second.communicate(timeout=240)
+    try:
+        (out1, err1), (out0, err0) = first.communicate(timeout=240), second.communicate(timeout=240)
+    finally:  # a hang fails the test without leaving the nodes running
+        for p in (first, second):
+            p.kill()
     assert first.returncode == 0 and second.returncode == 0, (err0[-2000:], err1[-2000:])
     assert (outs[0] / "record.json").is_file() and not (outs[1] / "record.json").exists()
     rec = record(outs[0])
@@ -155,3 +159,24 @@ def test_two_srun_tasks_join(tmp_path):
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
     assert record(out)["world_size"] == 2
+
+
+def test_a_failed_node_checks_in_to_node_0s_exit_barrier():
+    """torch's agent joins its exit barrier only when its ranks succeeded: node 1's failed launcher checks in
+    itself, or node 0's agent (the store's host) waits 300 s for it after its own ranks finished."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+    from torch.distributed.elastic.utils import store as store_util
+
+    from parallelnn.launch import _check_in_exit_barrier
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    _check_in_exit_barrier(f"127.0.0.1:{server.port}", "run-x", 2)
+    t0 = time.perf_counter()
+    store_util.barrier(dist.PrefixStore("run-x", server), 2, _TERMINAL_STATE_SYNC_ID, barrier_timeout=10)  # node 0's
+    assert time.perf_counter() - t0 < 5
+    t0 = time.perf_counter()
+    _check_in_exit_barrier(f"127.0.0.1:{free_port()}", "run-x", 2)  # node 0 gone: gives up in seconds, silently
+    assert time.perf_counter() - t0 < 20
