@@ -84,15 +84,14 @@ class Watchdog:
         self._changed.set()
 
     def close(self) -> None:
-        """Stop the thread and wait for it to leave the store call it may be in (usually milliseconds; each
-        call is bounded by the store's timeout): a daemon thread still inside a TCPStore call when the
-        interpreter exits is ended inside C++, which aborts the process ("terminate called without an active
-        exception", exit status 134) after a run that succeeded, and on a node > 0 leaves node 0's agent
-        waiting in torch's exit barrier (see ``launch._check_in_exit_barrier``)."""
+        """Stop the thread (it leaves at its next wake-up; a daemon, it is not waited for). Not joined: while
+        close joined it (so that every rank's watchdog thread ran its exit path), glibc aborted three ranks
+        at exit in ~60 runs ("tcache_thread_shutdown(): unaligned tcache chunk detected": a thread ending
+        found its malloc cache corrupt; which thread, and what wrote into freed memory, not found); without the
+        join none in 86. A rank that still aborts at exit on a node > 0 no longer leaves node 0 waiting in
+        torch's exit barrier (``launch._check_in_exit_barrier``)."""
         self._stop.set()
         self._changed.set()
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout=35)
 
     def limit(self, phase: int) -> float:
         """How long this rank may go without progress in ``phase``: --timeout, plus, in an evaluation or
