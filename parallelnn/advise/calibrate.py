@@ -415,18 +415,22 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
 
     warm = [step() for _ in range(PROBE_WARMUP)]
     times = [step() for _ in range(_agreed_steps(warm))]
-    waiting = 0.0
-    if latency is not None:
-        with CallCount() as counted:
-            step()
-        waiting = sum(n * latency[kind] for kind, n in counted.calls.items())
-        if calls is not None:
-            calls[candidate.label()] = counted.calls
+    waiting = 0.0 if latency is None else _calls_seconds(step, latency, calls, candidate.label())
     stop.drain()
     if key not in alone:
         plain = Engine(pristine, workload, ccfg, ctx.device, total_steps=MOST_STEPS)
         alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
     return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key])) + waiting
+
+
+def _calls_seconds(step, latency: dict[str, float], calls: dict[str, dict[str, int]] | None, label: str) -> float:
+    """Seconds the collective calls of one more ``step()`` would wait, at ``latency`` seconds a call of each kind
+    (:class:`CallCount` counts them); the counts go in ``calls[label]``."""
+    with CallCount() as counted:
+        step()
+    if calls is not None:
+        calls[label] = counted.calls
+    return sum(n * latency[kind] for kind, n in counted.calls.items())
 
 
 def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
@@ -506,8 +510,8 @@ def alone_seconds(world: int, cfg, candidates, units: int, loads: dict[str, floa
     """What :func:`spawn` measures between ``world`` processes, measured in one: the collectives between gloo
     ranks that are threads (:func:`inprocess_collectives`), and each candidate's fixed cost as rank 0 of
     ``world`` under a fake process group (its strategy's own code run at the real layout, its collectives
-    doing nothing), plus its calls per step (``calls``, by kind) times their latency. Run in a fresh process (a default process
-    group, even a fake one, is not for the advising process to keep)."""
+    doing nothing), plus its calls per step (``calls``, by kind) times their latency. Run in a fresh process (a
+    default process group, even a fake one, is not for the advising process to keep)."""
     return _in_fresh_process(_alone_worker, (world, cfg, list(candidates), units, loads, passes), 1, timeout)
 
 

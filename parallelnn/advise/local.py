@@ -4,8 +4,8 @@ On a CPU, N ranks share C cores: each rank computes with C/N threads, at the rat
 for that thread count and the batch one compute pass handles (the per-rank batch; for a pipeline, its
 busiest rank's stages timed on a microbatch); the optimizer step apart, per parameter a rank updates; its
 memory is the N-th part of RAM; its links are gloo over loopback, fitted per collective kind from N real
-processes (with ``concurrent=False``, N gloo ranks that are threads of one process); collectives do not hide behind compute (gloo's threads need the same cores), so
-``comm_overlap`` is 0. What a step costs besides computing and moving bytes — the strategy's hooks, each
+processes (with ``concurrent=False``, N gloo ranks that are threads of one process); collectives do not hide
+behind compute (gloo's threads need the same cores), so ``comm_overlap`` is 0. What a step costs besides computing and moving bytes — the strategy's hooks, each
 collective call's latency in the pattern the strategy issues them, a schedule's per-microbatch work — is
 each candidate's *fixed cost*, measured on a probe model (:func:`.calibrate.probe_seconds`; with
 ``concurrent=False``, in one process under a fake process group, its calls' latency added as counted); the
