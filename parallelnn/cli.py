@@ -97,9 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         # command speaks for itself in one line. Ranks it spawns keep torch's default.
         os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
         os.environ[QUIET_CPP_ENV] = "1"
-    from parallelnn.launch import keep_freed_memory
+    from parallelnn import launch
 
-    keep_freed_memory()  # before any thread exists (mallopt is not thread-safe; see there)
+    launch.keep_freed_memory()  # before any thread exists (mallopt is not thread-safe; see there)
+    # A rank of a multi-process job run as a program (by torchrun, srun, or `run --nproc`) ends its
+    # process itself when its command returns, its process groups never torn down (launch.end_with_command).
+    rank_process = argv is None and launch.is_rank_of_a_job()
+    if rank_process:
+        launch.end_with_command()
+    code = _command(argv)
+    if rank_process:
+        launch.end_process(code)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     try:
         ns = build_parser(_help_workload(argv)).parse_args(argv)
         if not getattr(ns, "handler", None):

@@ -310,7 +310,7 @@ def execute(cfg: RunConfig, hooks: Hooks | None = None,
         # hang, which would hide this rank's own error. The process is about to end anyway.
         raise
     unlock_out_dirs()
-    launch.teardown()
+    launch.finish(setup, trained)
     return record
 
 

@@ -180,3 +180,18 @@ def test_a_failed_node_checks_in_to_node_0s_exit_barrier():
     t0 = time.perf_counter()
     _check_in_exit_barrier(f"127.0.0.1:{free_port()}", "run-x", 2)  # node 0 gone: gives up in seconds, silently
     assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize("rank_env", [True, False])
+def test_a_rank_ends_its_process_without_the_interpreters_teardown(rank_env, tmp_path):
+    """A rank of a multi-process job, once its command returns, ends at once with that exit status: the
+    teardown of gloo groups still alive at exit has aborted ranks (cli.end_process). Outside a job the
+    interpreter ends as usual."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"} if rank_env else {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    code = ("import atexit, sys\natexit.register(print, 'interpreter teardown ran')\n"
+            "sys.argv = ['parallelnn', 'run', 'no-such-workload']\n"
+            "from parallelnn.cli import main\nraise SystemExit(main())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "unknown workload 'no-such-workload'" in p.stderr
+    assert ("interpreter teardown ran" in p.stdout) is not rank_env
