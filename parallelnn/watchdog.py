@@ -84,12 +84,10 @@ class Watchdog:
         self._changed.set()
 
     def close(self) -> None:
-        """Stop the thread (it leaves at its next wake-up; a daemon, it is not waited for). Not joined: while
-        close joined it (so that every rank's watchdog thread ran its exit path), glibc aborted three ranks
-        at exit in ~60 runs ("tcache_thread_shutdown(): unaligned tcache chunk detected": a thread ending
-        found its malloc cache corrupt; which thread, and what wrote into freed memory, not found); without the
-        join none in 86. A rank that still aborts at exit on a node > 0 no longer leaves node 0 waiting in
-        torch's exit barrier (``launch._check_in_exit_barrier``)."""
+        """Stop the thread (it leaves at its next wake-up; a daemon, it is not waited for). The aborts at a
+        rank's exit ("tcache_thread_shutdown(): unaligned tcache chunk detected") came from gloo's transport
+        thread as a process group was destroyed (core dumps), which ranks no longer do
+        (``launch.end_with_command``)."""
         self._stop.set()
         self._changed.set()
 
