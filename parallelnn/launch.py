@@ -269,7 +269,10 @@ _KEPT: list = []  # what a rank that ends with its command never tears down
 
 
 def is_rank_of_a_job() -> bool:
-    job = job_env()
+    try:
+        job = job_env()
+    except UserError:  # e.g. sbatch without srun: the command itself says so, in one line
+        return False
     return job is not None and job["world_size"] > 1
 
 
