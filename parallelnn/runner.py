@@ -498,9 +498,7 @@ def execute_rank(cfg: RunConfig) -> dict[str, Any] | None:
             print(f"[rank{rank}]: {line}", file=sys.stderr)
         get_error_handler().record_exception(err)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    launch.end_process(code)
 
 
 def preflight(cfg: RunConfig) -> RunConfig:

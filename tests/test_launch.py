@@ -185,7 +185,7 @@ def test_a_failed_node_checks_in_to_node_0s_exit_barrier():
 @pytest.mark.parametrize("rank_env", [True, False])
 def test_a_rank_ends_its_process_without_the_interpreters_teardown(rank_env, tmp_path):
     """A rank of a multi-process job, once its command returns, ends at once with that exit status: the
-    teardown of gloo groups still alive at exit has aborted ranks (cli.end_process). Outside a job the
+    teardown of gloo groups still alive at exit has aborted ranks (launch.end_with_command). Outside a job the
     interpreter ends as usual."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"} if rank_env else {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
