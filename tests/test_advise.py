@@ -130,7 +130,7 @@ def test_one_process_measures_the_links_and_the_strategies_own_code_for_two():
 
     cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
-    measured = calibrate.alone_seconds(2, cfg, group, 3, {}, {}, timeout=120)
+    measured = calibrate.alone_seconds(2, cfg, group, 3, {}, {}, timeout=120, resized={"fsdp dp2": 5})
     assert set(measured["collectives"]) == set(calibrate.KINDS)
     for kind, fit in calibrate.fitted(measured["collectives"]).items():
         assert 0 < fit["latency"] < 0.05 and fit["bandwidth"] > 1e7, (kind, fit)
@@ -138,6 +138,41 @@ def test_one_process_measures_the_links_and_the_strategies_own_code_for_two():
     assert measured["calls"]["tensor tp2"] == {"all_reduce": 2}
     assert set(measured["fixed"]) == {"fsdp dp2", "tensor tp2"}
     assert measured["fixed"]["fsdp dp2"] > measured["fixed"]["tensor tp2"] > 0
+    size, seconds = measured["fixed_resized"]["fsdp dp2"]  # FSDP timed again on a probe of 5 blocks
+    assert size == 5 and seconds > 0 and set(measured["fixed_resized"]) == {"fsdp dp2"}
+
+
+def test_a_fixed_cost_is_carried_to_the_models_size_along_the_line_through_two_probes():
+    """A step pays part of a strategy's fixed cost once (the optimizer over sharded parameters, the loss's
+    input, the stop flag) and part per block or call: two probe sizes give both parts; one, a proportion."""
+    from parallelnn.advise.local import per_unit_line
+
+    assert per_unit_line([(2, 8e-3)], 1) == pytest.approx(4e-3)  # one probe: all of it per unit
+    # 3 ms once + 5 ms per unit, probed at 1 and 2 units: 8 ms at 1 unit... read at the real model's 4
+    assert per_unit_line([(1, 8e-3), (2, 13e-3)], 4) == pytest.approx(23e-3)
+    assert per_unit_line([(2, 13e-3), (1, 8e-3)], 1) == pytest.approx(8e-3)  # a probe of the model's count: as is
+    assert per_unit_line([(1, 8e-3), (3, 6e-3)], 6) == pytest.approx(6e-3)  # noise never makes a unit cost < 0
+    assert per_unit_line([(4, 1e-3), (6, 9e-3)], 1) == 0.0  # nor the cost itself
+
+
+def test_a_second_probe_size_is_chosen_where_the_models_count_differs_from_the_probes():
+    """Iris' MLP has two blocks and one Linear pair: a probe of 4 blocks counts 5 FSDP units (blocks and the
+    root) and 2 row-wise all-reduces, so both strategies are timed again at 2 blocks, whose counts are the
+    model's; DDP's fixed cost does not grow with the model and is timed once."""
+    from parallelnn.advise.costs import Candidate, ModelStats
+    from parallelnn.advise.local import Machine
+    from parallelnn.parallel import Layout
+
+    cfg, workload = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
+    machine = Machine(workload, cfg, ModelStats(**model_stats(workload)))
+    group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
+    assert machine._resized(group, 4) == {"fsdp dp2": 2, "tensor tp2": 2}
+    assert machine._probe_counts("fsdp", 2) == 3 and machine._probe_counts("tensor", 2) == 1
+    assert machine._resized(group, 2) == {}  # the probe's counts are the model's already
+    measured = {"fixed": {"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3},
+                "fixed_resized": {"fsdp dp2": [2, 7e-3], "tensor tp2": [2, 4e-3]}}
+    machine._fixed(group, measured, 4)
+    assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 7e-3, "tensor tp2": 4e-3})
 
 
 def test_model_statistics_of_the_mnist_cnn():

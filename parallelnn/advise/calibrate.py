@@ -452,31 +452,41 @@ def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
 
 def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],
                   passes: dict[int, tuple[float, float]], latency: dict[str, float] | None = None,
-                  calls: dict[str, dict[str, int]] | None = None) -> dict[str, float]:
+                  calls: dict[str, dict[str, int]] | None = None,
+                  resized: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, list]]:
     """Every candidate's fixed cost; under the compute load of the real model where its step was timed:
     ``loads[label]`` (the share of a whole forward + backward a rank of that candidate computes) times the
     pass seconds measured at the batch one of its passes handles (a pipeline's microbatch), spread over the
     probe's blocks. ``latency``: one process under a fake process group (see :func:`_probe_one`); a strategy
-    that cannot run so is left out."""
+    that cannot run so is left out. ``resized``: candidates timed again on a probe of another size (label ->
+    its block count), so that what a step pays once is told from what it pays per block or call. Returns
+    ({label: seconds}, {label: [blocks, seconds] of the resized probe})."""
     import torch.distributed as dist
 
     mm = mm_seconds()
     found: dict[str, float] = {}
+    again: dict[str, list] = {}
     alone: dict = {}
     for c in candidates:
         batch = c.pass_batch(cfg.batch_size)
         measured = passes.get(batch)
-        ballast = loads.get(c.label(), 0.0) * measured[0] / batch / units if measured else 0.0
-        dist.barrier()
-        try:
-            seconds = _probe_one(cfg, c, units, rank, world, ballast, mm, alone, latency, calls)
-        except Exception:  # noqa: BLE001 - with real ranks a failure is the calibration's; alone, one candidate's
-            if latency is None:
-                raise
-            seconds = None
-        if seconds is not None:
-            found[c.label()] = seconds
-    return found
+        for size in [units] + ([resized[c.label()]] if resized and c.label() in resized else []):
+            ballast = loads.get(c.label(), 0.0) * measured[0] / batch / size if measured else 0.0
+            dist.barrier()
+            try:
+                seconds = _probe_one(cfg, c, size, rank, world, ballast, mm, alone, latency,
+                                     calls if size == units else None)
+            except Exception:  # noqa: BLE001 - with real ranks a failure is the calibration's; alone, one candidate's
+                if latency is None:
+                    raise
+                seconds = None
+            if seconds is None:
+                break
+            if size == units:
+                found[c.label()] = seconds
+            else:
+                again[c.label()] = [size, seconds]
+    return found, again
 
 
 #: Collective ops, as the dispatcher names them (c10d's and the functional ones DTensor issues), by kind.
@@ -506,16 +516,18 @@ class CallCount(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def alone_seconds(world: int, cfg, candidates, units: int, loads: dict[str, float],
-                  passes: dict[int, tuple[float, float]], timeout: float = 300.0) -> dict[str, Any]:
+                  passes: dict[int, tuple[float, float]], timeout: float = 300.0,
+                  resized: dict[str, int] | None = None) -> dict[str, Any]:
     """What :func:`spawn` measures between ``world`` processes, measured in one: the collectives between gloo
     ranks that are threads (:func:`inprocess_collectives`), and each candidate's fixed cost as rank 0 of
     ``world`` under a fake process group (its strategy's own code run at the real layout, its collectives
     doing nothing), plus its calls per step (``calls``, by kind) times their latency. Run in a fresh process (a
     default process group, even a fake one, is not for the advising process to keep)."""
-    return _in_fresh_process(_alone_worker, (world, cfg, list(candidates), units, loads, passes), 1, timeout)
+    return _in_fresh_process(_alone_worker, (world, cfg, list(candidates), units, loads, passes, resized or {}), 1,
+                             timeout)
 
 
-def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, loads, passes) -> None:
+def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, loads, passes, resized) -> None:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
@@ -529,14 +541,15 @@ def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, load
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     calls: dict[str, dict[str, int]] = {}
     try:
-        fixed = probe_seconds(cfg, candidates, units, 0, world, loads, passes, latency, calls) if candidates else {}
+        fixed, again = (probe_seconds(cfg, candidates, units, 0, world, loads, passes, latency, calls, resized)
+                        if candidates else ({}, {}))
     finally:
         dist.destroy_process_group()
-    Path(out).write_text(json.dumps({"collectives": raw, "fixed": fixed, "calls": calls}))
+    Path(out).write_text(json.dumps({"collectives": raw, "fixed": fixed, "fixed_resized": again, "calls": calls}))
 
 
 def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int], stages, candidates,
-            units: int, loads: dict[str, float], device_type: str = "cpu") -> None:
+            units: int, loads: dict[str, float], device_type: str = "cpu", resized: dict | None = None) -> None:
     """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
     model's steps timed while the others step too, the collectives, then the candidates' fixed costs.
     ``device_type="cuda"``: the collectives alone, NCCL's, each rank on a GPU of its own."""
@@ -553,10 +566,10 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
                             rank=rank, world_size=world)
     steps = _time_steps(cfg, batches, stages) if cfg is not None and batches else {"steps": {}, "stages": {}}
     results = _time_collectives(rank, world, device)
-    fixed = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"])
-             if cfg is not None and candidates else {})
+    fixed, again = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"], resized=resized)
+                    if cfg is not None and candidates else ({}, {}))
     if rank == 0:
-        Path(out).write_text(json.dumps({"collectives": results, **steps, "fixed": fixed}))
+        Path(out).write_text(json.dumps({"collectives": results, **steps, "fixed": fixed, "fixed_resized": again}))
     dist.destroy_process_group()
 
 
@@ -574,15 +587,17 @@ def fit(points: list[tuple[int, float]]) -> dict[str, float]:
 
 
 def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(), units: int = 2,
-          loads: dict[str, float] | None = None, timeout: float = 300.0, device_type: str = "cpu") -> dict[str, Any]:
+          loads: dict[str, float] | None = None, timeout: float = 300.0, device_type: str = "cpu",
+          resized: dict[str, int] | None = None) -> dict[str, Any]:
     """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements. Processes still running
-    after ``timeout`` seconds are ended (RuntimeError)."""
+    after ``timeout`` seconds are ended (RuntimeError). ``resized``: see :func:`probe_seconds`."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = (world, port, cfg, list(batches), list(stages), list(candidates), units, loads or {}, device_type)
+    args = (world, port, cfg, list(batches), list(stages), list(candidates), units, loads or {}, device_type,
+            resized or {})
     return _in_fresh_process(_worker, args, world, timeout)
 
 

@@ -72,6 +72,7 @@ class Machine:
         self.step_bytes: dict[int, int] = {}  # on a GPU: pass batch -> allocator's peak bytes of one process's step
         self.loop: float | None = None  # seconds the training loop adds to every step (calibrate.loop_seconds)
         self.problems: list[str] = []  # what could not be measured, said with the advice
+        self._probes: dict[int, ModelStats] = {}  # probe block count -> its stats
 
     def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
@@ -111,13 +112,14 @@ class Machine:
         units = calibrate.probe_units(self.stats.blocks, group)
         try:
             measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
-                                       group, units, {c.label(): self._load(c) for c in group})
+                                       group, units, {c.label(): self._load(c) for c in group},
+                                       resized=self._resized(group, units))
         except Exception as err:  # noqa: BLE001 - a failed calibration costs accuracy, not the advice
             self.problems.append(f"calibrating {n} processes at once failed ({_last_line(err)}); their predictions "
                                  "use one process's measurements")
             return {}, {}
         self.links[n] = calibrate.fitted(measured["collectives"])
-        self._fixed(group, measured["fixed"], units)
+        self._fixed(group, measured, units)
         return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
 
     def _alone(self, n: int, group: list[Candidate], steps: dict[int, tuple[float, float]]) -> None:
@@ -127,14 +129,14 @@ class Machine:
         units = calibrate.probe_units(self.stats.blocks, group)
         try:
             measured = calibrate.alone_seconds(n, self.cfg, group, units, {c.label(): self._load(c) for c in group},
-                                               steps)
+                                               steps, resized=self._resized(group, units))
         except Exception as err:  # noqa: BLE001 - as in _together: a failed calibration costs accuracy only
             self.problems.append(f"calibrating {n} ranks in one process failed ({_last_line(err)}); their "
                                  "collectives and fixed costs are not predicted (taken as free)")
             self.links[n] = {}
             return
         self.links[n] = calibrate.fitted(measured["collectives"])
-        self._fixed(group, measured["fixed"], units)
+        self._fixed(group, measured, units)
 
     def _calibrate_gpus(self, candidates: list[Candidate], global_batch: int) -> None:
         """On GPUs every rank has a device of its own: one GPU's steps, timed here at each pass batch, stand for
@@ -206,21 +208,53 @@ class Machine:
             share = max(r["flops"] for r in ranks)
             self.stage_rates[candidate.label()] = self.stats.flops_per_sample * batch * share / max(times)
 
-    def _fixed(self, group: list[Candidate], probed: dict[str, float], units: int) -> None:
-        """Each candidate's measured fixed cost, scaled from the probe's block count to the model's where the
-        strategy says how it grows (FSDP: per block; tensor parallel: per all-reduce)."""
+    def _probe_counts(self, strategy: str, size: int) -> float:
+        """How many times a probe of ``size`` blocks pays ``strategy``'s growing fixed costs (its ``fixed_units``)."""
         from parallelnn import parallel
         from parallelnn.advise.stats import model_stats
 
-        probe = None
+        if size not in self._probes:
+            self._probes[size] = ModelStats(**model_stats(calibrate.probe_workload(size, self.cfg)))
+        return parallel.get(strategy).cost.fixed_units(self._probes[size])
+
+    def _resized(self, group: list[Candidate], units: int) -> dict[str, int]:
+        """A second probe size for each candidate whose fixed cost grows with the model (its strategy's
+        ``fixed_units``) and whose count differs on the probe: the size whose count comes nearest the real
+        model's (at most 4x the probe's blocks). Two sizes tell what a step pays once (the optimizer over
+        sharded parameters, the loss's input, the stop flag) from what it pays per block or call."""
+        from parallelnn import parallel
+
+        resized = {}
         for c in group:
-            if c.label() not in probed:
-                continue
             grows = parallel.get(c.strategy).cost.fixed_units
-            if grows is not None and probe is None:
-                probe = ModelStats(**model_stats(calibrate.probe_workload(units, self.cfg)))
-            scale = grows(self.stats) / max(grows(probe), 1e-9) if grows is not None else 1.0
-            self.fixed[c.label()] = probed[c.label()] * scale
+            if grows is None:
+                continue
+            want, first = grows(self.stats), self._probe_counts(c.strategy, units)
+            sizes = [u for u in range(2, 4 * units + 1) if u != units]
+            near = min(sizes, key=lambda u: (abs(self._probe_counts(c.strategy, u) - want), u))
+            if want != first and self._probe_counts(c.strategy, near) != first:
+                resized[c.label()] = near
+        return resized
+
+    def _fixed(self, group: list[Candidate], measured: dict[str, Any], units: int) -> None:
+        """Each candidate's measured fixed cost, carried from the probe's block count to the model's where the
+        strategy says how it grows (FSDP: per block; tensor parallel: per all-reduce): along the line through
+        the two probe sizes (:func:`per_unit_line`), or in proportion when only one was timed."""
+        from parallelnn import parallel
+
+        again = measured.get("fixed_resized", {})
+        for c in group:
+            if c.label() not in measured["fixed"]:
+                continue
+            seconds = measured["fixed"][c.label()]
+            if parallel.get(c.strategy).cost.fixed_units is None:
+                self.fixed[c.label()] = seconds
+                continue
+            points = [(self._probe_counts(c.strategy, units), seconds)]
+            if c.label() in again:
+                size, other = again[c.label()]
+                points.append((self._probe_counts(c.strategy, int(size)), other))
+            self.fixed[c.label()] = per_unit_line(points, parallel.get(c.strategy).cost.fixed_units(self.stats))
 
     def _rate(self, seconds: float, batch: int) -> float:
         return self.stats.flops_per_sample * batch / seconds
@@ -258,6 +292,19 @@ class Machine:
         return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
                             fixed_seconds=self.fixed.get(candidate.label(), 0.0) + (self.loop or 0.0),
                             extra_memory=extra)
+
+
+def per_unit_line(points: list[tuple[float, float]], count: float) -> float:
+    """A fixed cost at ``count`` units from probes' (units, seconds): with one probe, in proportion (all of it
+    per unit); with two, the line ``once + per_unit * units`` through them, its slope kept >= 0 and read from
+    the probe nearest ``count``, never below 0."""
+    if len(points) == 1:
+        units, seconds = points[0]
+        return seconds * count / max(units, 1e-9)
+    (u1, s1), (u2, s2) = sorted(points)
+    slope = max(0.0, (s2 - s1) / (u2 - u1)) if u2 > u1 else 0.0
+    units, seconds = min(points, key=lambda p: abs(p[0] - count))
+    return max(0.0, seconds + slope * (count - units))
 
 
 def _last_line(err: BaseException) -> str:

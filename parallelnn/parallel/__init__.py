@@ -69,8 +69,8 @@ class CostModel:
     #: ``costs.CostInputs`` -> ``costs.StepCost``: one step's compute, communication, bubble and memory per rank.
     step: Callable[[Any], Any]
     #: ``costs.ModelStats`` -> how many times a step pays the strategy's fixed costs (hooks, collective calls):
-    #: advise measures those on a probe model and scales them by this count, the real model's over the probe's.
-    #: None: once a step, whatever the model.
+    #: advise times them on probe models of two sizes and reads them at the real model's count along the line
+    #: through the two (a part paid once a step, a part per unit). None: once a step, whatever the model.
     fixed_units: Callable[[Any], float] | None = None
 
 
