@@ -218,8 +218,8 @@ def check_peak(device: torch.device, achieved: float, dtype: torch.dtype = torch
     cached peak, that peak was probed while the machine was busy, so probe again now (best of
     :data:`PROBE_ROUNDS`) and keep the best of the old peak, the new probe and ``achieved`` itself."""
     device = torch.device(device)
-    key = _cache_key(device, dtype)
     with _all_cores(device):
+        key = _cache_key(device, dtype)  # with all cores, as peak_flops keys it (not the rank's own threads)
         entry = _cached_entry(key, lambda: _probe(device, dtype), refresh=False)
         if achieved <= entry["value"]:
             return float(entry["value"])

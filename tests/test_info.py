@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -119,3 +120,20 @@ def test_a_peak_is_never_below_work_actually_done(monkeypatch, tmp_path):
     assert measure.check_peak(cpu, achieved) == achieved
     entry = measure.peak_entry(cpu)
     assert entry["value"] == achieved and entry["source"] == "achieved by a run"
+
+
+def test_a_rank_with_a_share_of_the_cores_divides_by_the_whole_machines_peak(monkeypatch, tmp_path):
+    """A rank computing with one thread checks the run's rate against the peak of all cores, the one MFU divides
+    by (it used the one-thread peak: a 2-rank DDP run on two cores read MFU 0.79 instead of 0.34)."""
+    monkeypatch.setenv("PARALLELNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(measure, "PROBE_PAUSE_S", 0.0)
+    monkeypatch.setattr(measure, "_probe", lambda device, dtype: 100e9 * torch.get_num_threads())
+    cpu, saved = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = measure.peak_flops(cpu)
+        assert whole == 100e9 * (os.cpu_count() or 1)
+        measure._store(measure._cache_key(cpu, torch.float32), 100e9)  # a one-thread peak in the cache too
+        assert measure.check_peak(cpu, 50e9) == whole
+    finally:
+        torch.set_num_threads(saved)
