@@ -52,6 +52,8 @@ class RunConfig:
                       choices=LOADERS)
     workers: int = opt(0, "dataloader worker processes (the study's 'threading')", metavar="N")
     threads: int | None = opt(None, "torch intra-op threads per process (default: cores / local processes)", metavar="N")
+    bind_cores: bool = opt(True, "cpu, several processes on a machine: each computes on its own share of the cores",
+                           negatable=True)
     # --- optimisation ---------------------------------------------------------------------------
     epochs: int | None = opt(None, "passes over the training split (default: the workload's)", metavar="N")
     batch_size: int | None = opt(None, "global batch size, shared by all data-parallel ranks", metavar="N")

@@ -184,14 +184,19 @@ class _all_cores:
     """On CPU, probe with every core (as a whole machine's peak), then give the thread count back."""
 
     def __init__(self, device: torch.device):
-        self.device, self.saved = device, torch.get_num_threads()
+        from parallelnn.launch import unbound
+
+        self.device, self.saved, self.cores = device, torch.get_num_threads(), unbound()
 
     def __enter__(self):
         if self.device.type == "cpu":
+            self.cores.__enter__()  # a rank bound to its share of the cores probes with all of them
             torch.set_num_threads(os.cpu_count() or 1)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.saved)
+        if self.device.type == "cpu":
+            self.cores.__exit__(*exc)
 
 
 def peak_entry(device: torch.device, dtype: torch.dtype = torch.float32, refresh: bool = False) -> dict[str, Any]:

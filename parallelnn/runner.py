@@ -177,6 +177,8 @@ def set_up(cfg: RunConfig, ctx: launch.Context, build: Callable[[RunConfig], Wor
 
         tboard.require()
     threads = launch.set_threads(cfg.threads, ctx.local_world_size)
+    if cfg.bind_cores and ctx.device.type == "cpu":
+        launch.bind_cores(ctx.local_rank, ctx.local_world_size)
     set_matmul_precision(cfg, ctx.device)
     out = Path(launch.agree(cfg.out or default_out(cfg), ctx))
     if ctx.is_main and ctx.restart_count == 0 and not cfg.resume:
@@ -283,6 +285,7 @@ def per_rank_figures(setup: Setup, trained: Trained) -> list[dict[str, Any]]:
     return launch.gather({"rank": ctx.rank, "host": os.uname().nodename, "step_seconds": trainer.step_seconds,
                           "first_step_seconds": trainer.first_step_seconds,
                           "peak_memory_bytes": measure.peak_memory_bytes(ctx.device),
+                          "cores": launch.cores(),
                           "tensor_bytes": trainer.tensor_bytes.result or None,
                           **(trainer.comm_probe.result if trainer.comm_probe else {}),
                           **setup.engine.describe.get("per_rank", {})}, ctx)

@@ -5,6 +5,8 @@ torchrun's agent, gloo on CPU). 300 samples at batch 64 make 5 steps, the last o
 which exercises uneven shards and the pipeline's microbatch fallback.
 """
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,6 +65,11 @@ def test_matches_single_process(name, args, nproc, reference, tmp_path):
     assert rec["world_size"] == nproc and rec["strategy"] == args[1]
     assert rec["test_accuracy"] == pytest.approx(ref["test_accuracy"], abs=1e-3)  # same weights, ±1 sample
     assert len(rec["per_rank"]) == nproc and all("comm_share" in r for r in rec["per_rank"])
+    if len(os.sched_getaffinity(0)) == os.cpu_count():  # nothing held this machine's processes to fewer cores
+        share = max(1, os.cpu_count() // nproc)  # each rank on its own share, one core each in turn when fewer
+        expected = [list(range(r * share, r * share + share)) if os.cpu_count() >= nproc else [r % os.cpu_count()]
+                    for r in range(nproc)]
+        assert [r["cores"] for r in rec["per_rank"]] == expected
 
 
 # Iris (120 training samples) at batch 7: 17 batches of 7, then one of a single sample, which leaves

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, cli, main, record
+from parallelnn import launch
 
 pytestmark = pytest.mark.distributed
 
@@ -195,3 +196,48 @@ def test_a_rank_ends_its_process_without_the_interpreters_teardown(rank_env, tmp
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert p.returncode == 2 and "unknown workload 'no-such-workload'" in p.stderr
     assert ("interpreter teardown ran" in p.stdout) is not rank_env
+
+
+class _Affinity:
+    """A machine of ``n`` cores whose threads' affinity is kept here, not set."""
+
+    def __init__(self, monkeypatch, n: int, allowed=None):
+        self.masks: dict[int, set[int]] = {}
+        self.allowed = set(range(n)) if allowed is None else set(allowed)
+        monkeypatch.setattr(launch, "_UNBOUND", None)
+        monkeypatch.setattr(launch.os, "cpu_count", lambda: n)
+        monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: self.masks.get(pid, self.allowed))
+        monkeypatch.setattr(launch.os, "sched_setaffinity", lambda pid, cores: self.masks.__setitem__(pid, set(cores)))
+        monkeypatch.setattr(launch.os, "listdir", lambda path: ["0"])
+
+
+@pytest.mark.parametrize("cores,rank,ranks,expected", [
+    (8, 1, 2, [4, 5, 6, 7]),  # its contiguous share
+    (2, 0, 2, [0]),
+    (2, 3, 4, [1]),  # more ranks than cores: one core each, in turn
+    (2, 0, 1, None),  # a single rank is left alone
+])
+def test_each_rank_of_a_machine_computes_on_its_own_share_of_the_cores(monkeypatch, cores, rank, ranks, expected):
+    machine = _Affinity(monkeypatch, cores)
+    assert launch.bind_cores(rank, ranks) == expected
+    if expected is not None:
+        assert machine.masks[0] == set(expected) and launch.cores() == expected
+        with launch.unbound():  # a whole machine's peak is probed with every core, then the share comes back
+            assert launch.cores() == list(range(cores))
+        assert launch.cores() == expected
+
+
+def test_a_process_already_held_to_some_cores_is_not_bound_again(monkeypatch):
+    """Slurm's or a launcher's own binding (a process allowed fewer cores than the machine has) is theirs."""
+    machine = _Affinity(monkeypatch, 8, allowed={2, 3})
+    assert launch.bind_cores(1, 2) is None and machine.masks == {}
+
+
+def test_no_bind_cores_leaves_the_ranks_to_the_scheduler(tmp_path):
+    out = tmp_path / "free"
+    proc = cli("run", "iris", "--strategy", "ddp", "--nproc", "2", "--epochs", "1", "--no-bind-cores", "--quiet",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    everything = sorted(os.sched_getaffinity(0))
+    assert [r["cores"] for r in record(out)["per_rank"]] == [everything, everything]
+    assert record(out)["config"]["bind_cores"] is False

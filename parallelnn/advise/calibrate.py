@@ -531,9 +531,11 @@ def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, load
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
-    from parallelnn.launch import keep_freed_memory
+    from parallelnn.launch import bind_cores, keep_freed_memory
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if cfg.bind_cores:  # rank 0's share of the cores, as a trial's rank 0 has it
+        bind_cores(0, world)
     torch.set_flush_denormal(True)  # the fake collectives leave whatever memory held: no slow denormals
     keep_freed_memory()
     raw = inprocess_collectives(world)
@@ -555,11 +557,13 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
     ``device_type="cuda"``: the collectives alone, NCCL's, each rank on a GPU of its own."""
     import torch.distributed as dist
 
-    from parallelnn.launch import keep_freed_memory
+    from parallelnn.launch import bind_cores, keep_freed_memory
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     keep_freed_memory()
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cpu" and (cfg is None or cfg.bind_cores):  # each on its share of the cores, as trials are
+        bind_cores(rank, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
