@@ -63,15 +63,17 @@ def reason_sentence(best, rows, batch: int) -> str:
     if not others:
         return head + " (no other strategy could be measured)"
     rival = min(others, key=lambda r: r.trial.step_seconds)
-    p = rival.prediction
-    cost = ""
+    p, cost = rival.prediction, ""
     if p is not None and p.step_seconds > 0:
-        parts = [(p.exposed_comm_seconds + p.fixed_seconds, "communication and per-step framework work (collective "
-                  "calls, hooks)"), (p.bubble_seconds, "pipeline bubble")]
-        seconds, what = max(parts)
-        if seconds > 0:
+        seconds, what = _overhead(p)
+        if seconds > 0.01 * p.step_seconds:
             cost = (f"; its compute alone takes {p.compute_seconds * 1e3:.1f} ms a step, and {what} add "
                     f"{seconds * 1e3:.1f} ms, {seconds / p.step_seconds:.0%} of its predicted step")
+        elif best.prediction is not None:  # the rival pays nothing besides compute (one process): say the winner's
+            mine, what = _overhead(best.prediction)
+            cost = (f"; each of its ranks computes {best.prediction.compute_seconds * 1e3:.1f} ms a step against "
+                    f"{p.compute_seconds * 1e3:.1f} ms for {rival.candidate.label()}"
+                    + (f", and {what} add {mine * 1e3:.1f} ms" if mine > 0 else ""))
     ratio = rate / rival.trial.samples_per_second
     noise = 2 * math.hypot(median_uncertainty(best.trial.step_iqr, best.trial.steps),
                            median_uncertainty(rival.trial.step_iqr, rival.trial.steps))
@@ -79,6 +81,12 @@ def reason_sentence(best, rows, batch: int) -> str:
              "longer run would tell them apart)" if ratio - 1 < noise else "")
     return (f"{head}, {ratio:.2f}x the next best strategy, {rival.candidate.label()} "
             f"({rival.trial.samples_per_second:,.0f} samples/s){close}{cost}")
+
+
+def _overhead(p) -> tuple[float, str]:
+    """A prediction's largest cost besides compute: (seconds, what it is)."""
+    return max([(p.exposed_comm_seconds + p.fixed_seconds, "communication and per-step framework work (collective "
+                 "calls, hooks)"), (p.bubble_seconds, "pipeline bubble")])
 
 
 def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
