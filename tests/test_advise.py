@@ -409,3 +409,38 @@ def test_advise_on_cuda_times_the_gpu_and_estimates_what_its_allocator_holds(tmp
     assert -0.05 <= single["memory_bytes_per_rank"] / measured - 1 <= 0.10, (parts, measured)
     # Timed on the GPU: a CPU's rate would predict a step many times slower than the trial measured.
     assert 0.3 < single["predicted_step_seconds"] / single["measured_step_seconds"] < 3
+
+
+def test_the_faster_of_two_rounds_is_kept_measurement_by_measurement():
+    """Other work on a shared machine slows a measurement down, never speeds it up: of two rounds taken seconds
+    apart, each figure keeps the faster (a step's (passes, update) pair as one)."""
+    first = {"steps": {8: (0.010, 0.002), 16: (0.030, 0.004)}, "stages": {"0-2-8": 0.004, "2-4-8": 0.009}}
+    second = {"steps": {8: (0.011, 0.0005), 16: (0.020, 0.004)}, "stages": {"0-2-8": 0.006, "2-4-8": 0.005}}
+    assert calibrate.fastest(first, second) == {"steps": {8: (0.011, 0.0005), 16: (0.020, 0.004)},
+                                                "stages": {"0-2-8": 0.004, "2-4-8": 0.005}}
+    assert calibrate.fastest({"stages": {"a": 1.0}}, {"stages": {}}) == {"stages": {"a": 1.0}}
+
+
+def test_a_winner_over_the_single_process_is_explained_by_its_own_figures():
+    """The single process pays nothing besides compute, so when it is the runner-up the sentence says what the
+    winner computes per rank and pays (it said "add 0.0 ms, 0% of its predicted step" of the single process)."""
+    from parallelnn.advise import trials
+    from parallelnn.advise.advisor import Row
+    from parallelnn.advise.answer import reason_sentence
+    from parallelnn.advise.costs import Candidate, Prediction
+    from parallelnn.parallel import Layout
+
+    def row(strategy, layout, seconds, compute, comm):
+        c = Candidate(strategy, layout)
+        p = Prediction(c, compute + comm, 64 / (compute + comm), 1e6, {}, compute, comm, comm, 0.0, True, "", [])
+        t = trials.Trial(c, "", step_seconds=seconds, samples_per_second=64 / seconds, steps=100, step_iqr=0.01)
+        return Row(c, p, trial=t)
+
+    rows = [row("ddp", Layout(dp=2), 0.0120, 0.0125, 0.0029), row("single", Layout(), 0.0150, 0.0157, 0.0)]
+    sentence = reason_sentence(rows[0], rows, 64)
+    assert sentence.endswith("each of its ranks computes 12.5 ms a step against 15.7 ms for single 1, and "
+                             "communication and per-step framework work (collective calls, hooks) add 2.9 ms"), sentence
+    rows = [row("single", Layout(), 0.0100, 0.0098, 0.0), row("ddp", Layout(dp=2), 0.0150, 0.0080, 0.0061)]
+    assert reason_sentence(rows[0], rows, 64).endswith("its compute alone takes 8.0 ms a step, and communication "
+                                                       "and per-step framework work (collective calls, hooks) add "
+                                                       "6.1 ms, 43% of its predicted step")

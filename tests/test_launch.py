@@ -8,6 +8,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, cli, main, record
 from parallelnn import launch
@@ -241,3 +243,17 @@ def test_no_bind_cores_leaves_the_ranks_to_the_scheduler(tmp_path):
     everything = sorted(os.sched_getaffinity(0))
     assert [r["cores"] for r in record(out)["per_rank"]] == [everything, everything]
     assert record(out)["config"]["bind_cores"] is False
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cores=st.integers(1, 64), ranks=st.integers(2, 16))
+def test_the_ranks_shares_of_the_cores_are_disjoint_whenever_there_are_enough(monkeypatch, cores, ranks):
+    shares = []
+    for rank in range(ranks):
+        _Affinity(monkeypatch, cores)
+        shares.append(launch.bind_cores(rank, ranks))
+    assert all(share and set(share) <= set(range(cores)) for share in shares)
+    if ranks <= cores:  # equal, disjoint shares; the cores left over (cores % ranks) stay unused
+        assert len({c for s in shares for c in s}) == sum(map(len, shares)) == cores // ranks * ranks
+    else:  # one core each, in turn
+        assert [s[0] for s in shares] == [r % cores for r in range(ranks)]

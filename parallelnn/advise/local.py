@@ -103,6 +103,10 @@ class Machine:
                 staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
             for c in group:
                 self._stage_rate(c, global_batch, staged)
+        if len(needed) > 1:  # the single process timed again after the others, the faster of the two (fastest)
+            for b in needed.get(1, ()):
+                passes, _ = calibrate.step_seconds(self.workload, self.cfg, cores(), b)
+                self.rates[(1, b)] = max(self.rates[(1, b)], self._rate(passes, b))
 
     def _together(self, n: int, group: list[Candidate], batches: set[int], stages: list) -> tuple[dict, dict]:
         """The model's steps, pipeline stages, collectives and fixed costs measured in ``n`` processes at once;
