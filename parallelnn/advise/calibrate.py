@@ -546,11 +546,11 @@ def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, load
     from parallelnn.launch import bind_cores, keep_freed_memory
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if cfg.bind_cores:  # rank 0's share of the cores, as a trial's rank 0 has it
-        bind_cores(0, world)
     torch.set_flush_denormal(True)  # the fake collectives leave whatever memory held: no slow denormals
     keep_freed_memory()
-    raw = inprocess_collectives(world)
+    raw = inprocess_collectives(world)  # its thread-ranks stand for processes on their own cores: all of them
+    if cfg.bind_cores:  # then the probes on rank 0's share of the cores, as a trial's rank 0 has it
+        bind_cores(0, world)
     latency = {kind: f["latency"] for kind, f in fitted(raw).items()}
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     calls: dict[str, dict[str, int]] = {}
