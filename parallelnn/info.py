@@ -52,7 +52,7 @@ def gather(refresh: bool = False) -> dict[str, Any]:
     import torch.distributed as dist
 
     from parallelnn import __version__, measure
-    from parallelnn.launch import mps_available
+    from parallelnn.launch import cores, mps_available
     from parallelnn.record import memory_bytes
 
     gpus = []
@@ -94,7 +94,7 @@ def gather(refresh: bool = False) -> dict[str, Any]:
         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "parallelnn": __version__,
         "cpu": {"model": measure.cpu_model(), "cores": os.cpu_count(), "physical_cores": physical_cores(),
-                "available_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
+                "available_cores": len(cores() or []) or None},
         "memory_bytes": memory_bytes(),
         "gpus": gpus, "mps": build["mps_available"], "torch": build, "peaks": peaks,
         "peak_cache": str(measure._cache_file()),

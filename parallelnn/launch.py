@@ -196,13 +196,14 @@ def bind_cores(local_rank: int, local_world_size: int) -> list[int] | None:
     global _UNBOUND
     if local_world_size < 2 or not hasattr(os, "sched_setaffinity"):
         return None
-    allowed = sorted(os.sched_getaffinity(0))
-    if _UNBOUND is None and len(allowed) < (os.cpu_count() or 0):
-        return None
-    allowed = sorted(_UNBOUND) if _UNBOUND is not None else allowed
-    per = len(allowed) // local_world_size
-    mine = allowed[local_rank * per:(local_rank + 1) * per] if per else [allowed[local_rank % len(allowed)]]
-    _UNBOUND = _UNBOUND or set(allowed)
+    if _UNBOUND is None:  # the first binding: only of a process that may use the whole machine
+        allowed = set(os.sched_getaffinity(0))
+        if len(allowed) < (os.cpu_count() or 0):
+            return None
+        _UNBOUND = allowed
+    every = sorted(_UNBOUND)
+    per = len(every) // local_world_size
+    mine = every[local_rank * per:(local_rank + 1) * per] if per else [every[local_rank % len(every)]]
     set_affinity(mine)
     return mine
 

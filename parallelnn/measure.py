@@ -180,23 +180,22 @@ def _cached(key: str, probe, refresh: bool) -> float:
     return float(_cached_entry(key, probe, refresh)["value"])
 
 
-class _all_cores:
-    """On CPU, probe with every core (as a whole machine's peak), then give the thread count back."""
+@contextlib.contextmanager
+def _all_cores(device: torch.device):
+    """On CPU, probe with every core (as a whole machine's peak; a rank bound to its share of the cores gets
+    them all meanwhile), then give the thread count and the share back."""
+    if device.type != "cpu":
+        yield
+        return
+    from parallelnn.launch import unbound
 
-    def __init__(self, device: torch.device):
-        from parallelnn.launch import unbound
-
-        self.device, self.saved, self.cores = device, torch.get_num_threads(), unbound()
-
-    def __enter__(self):
-        if self.device.type == "cpu":
-            self.cores.__enter__()  # a rank bound to its share of the cores probes with all of them
-            torch.set_num_threads(os.cpu_count() or 1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-        if self.device.type == "cpu":
-            self.cores.__exit__(*exc)
+    saved = torch.get_num_threads()
+    with unbound():
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
 
 
 def peak_entry(device: torch.device, dtype: torch.dtype = torch.float32, refresh: bool = False) -> dict[str, Any]:

@@ -161,26 +161,27 @@ def stage_seconds(workload, cfg, stages: list[tuple[int, int, int]], threads: in
 def _time_kinds(ops_for, barrier, sync=lambda: None, rounds: int = 2) -> dict[str, list]:
     """Median seconds of each collective kind at each of SIZES: ``ops_for(floats)`` gives {kind: a call} on
     tensors of that many floats; ``barrier`` lines the ranks up before each call. The sweep is made ``rounds``
-    times and each point keeps its fastest round (:func:`fastest`): here a run of calls sometimes waits ~4 ms
-    each (a halted virtual CPU woken late), in processes and in threads alike, and one such run at 4 KiB left
-    the fit no latency at all."""
+    times and each point keeps its fastest round: here a run of calls sometimes waits ~4 ms each (a halted
+    virtual CPU woken late), in processes and in threads alike, and one such run at 4 KiB left the fit no
+    latency at all."""
+    sweeps = [_sweep(ops_for, barrier, sync) for _ in range(rounds)]
+    return {kind: [min(points, key=lambda p: p[1]) for points in zip(*(s[kind] for s in sweeps))] for kind in KINDS}
+
+
+def _sweep(ops_for, barrier, sync) -> dict[str, list]:
+    """One pass of :func:`_time_kinds` over SIZES: {kind: [(bytes, median seconds of 5 calls after 2)]}."""
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in KINDS}
-    for _ in range(rounds):
-        for i, size in enumerate(SIZES):
-            for kind, op in ops_for(size // 4).items():
-                times = []
-                for _ in range(7):
-                    barrier()
-                    sync()
-                    t0 = time.perf_counter()
-                    op()
-                    sync()
-                    times.append(time.perf_counter() - t0)
-                point = (size, statistics.median(times[2:]))
-                if len(results[kind]) > i:
-                    results[kind][i] = min(results[kind][i], point, key=lambda p: p[1])
-                else:
-                    results[kind].append(point)
+    for size in SIZES:
+        for kind, op in ops_for(size // 4).items():
+            times = []
+            for _ in range(7):
+                barrier()
+                sync()
+                t0 = time.perf_counter()
+                op()
+                sync()
+                times.append(time.perf_counter() - t0)
+            results[kind].append((size, statistics.median(times[2:])))
     return results
 
 
@@ -246,14 +247,11 @@ def inprocess_collectives(world: int) -> dict[str, list]:
     return found[0]
 
 
-def _time_steps(cfg, batches: list[int], stages: list[tuple[int, int, int]]) -> dict[str, dict]:
+def _time_steps(workload, cfg, batches: list[int], stages: list[tuple[int, int, int]]) -> dict[str, dict]:
     """:func:`step_seconds` of the real model at each batch and :func:`stage_seconds` of each pipeline stage,
     while every rank does the same (contention)."""
     import torch.distributed as dist
 
-    from parallelnn import workloads
-
-    workload = workloads.build(cfg.workload, cfg, torch.device("cpu"), log=lambda m: None)
     seconds = {}
     for batch in batches:
         dist.barrier()
@@ -551,11 +549,10 @@ def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, load
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
-    from parallelnn.launch import bind_cores, keep_freed_memory
+    from parallelnn.launch import bind_cores, set_threads
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    set_threads(None, world)
     torch.set_flush_denormal(True)  # the fake collectives leave whatever memory held: no slow denormals
-    keep_freed_memory()
     raw = inprocess_collectives(world)  # its thread-ranks stand for processes on their own cores: all of them
     if cfg.bind_cores:  # then the probes on rank 0's share of the cores, as a trial's rank 0 has it
         bind_cores(0, world)
@@ -577,10 +574,9 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
     ``device_type="cuda"``: the collectives alone, NCCL's, each rank on a GPU of its own."""
     import torch.distributed as dist
 
-    from parallelnn.launch import bind_cores, keep_freed_memory
+    from parallelnn.launch import bind_cores, set_threads
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    keep_freed_memory()
+    set_threads(None, world)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cpu" and (cfg is None or cfg.bind_cores):  # each on its share of the cores, as trials are
         bind_cores(rank, world)
@@ -588,12 +584,17 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
-    steps = _time_steps(cfg, batches, stages) if cfg is not None and batches else {"steps": {}, "stages": {}}
+    steps: dict[str, dict] = {"steps": {}, "stages": {}}
+    if cfg is not None and batches:
+        from parallelnn import workloads
+
+        workload = workloads.build(cfg.workload, cfg, torch.device("cpu"), log=lambda m: None)
+        steps = _time_steps(workload, cfg, batches, stages)
     results = _time_collectives(rank, world, device)
     fixed, again = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"], resized=resized)
                     if cfg is not None and candidates else ({}, {}))
     if cfg is not None and batches:  # timed once more, the collectives and probes later: the faster of the two
-        steps = fastest(steps, _time_steps(cfg, batches, stages))
+        steps = fastest(steps, _time_steps(workload, cfg, batches, stages))
     if rank == 0:
         Path(out).write_text(json.dumps({"collectives": results, **steps, "fixed": fixed, "fixed_resized": again}))
     dist.destroy_process_group()

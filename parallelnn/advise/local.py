@@ -250,15 +250,15 @@ class Machine:
         for c in group:
             if c.label() not in measured["fixed"]:
                 continue
-            seconds = measured["fixed"][c.label()]
-            if parallel.get(c.strategy).cost.fixed_units is None:
+            seconds, grows = measured["fixed"][c.label()], parallel.get(c.strategy).cost.fixed_units
+            if grows is None:
                 self.fixed[c.label()] = seconds
                 continue
             points = [(self._probe_counts(c.strategy, units), seconds)]
             if c.label() in again:
                 size, other = again[c.label()]
                 points.append((self._probe_counts(c.strategy, int(size)), other))
-            self.fixed[c.label()] = per_unit_line(points, parallel.get(c.strategy).cost.fixed_units(self.stats))
+            self.fixed[c.label()] = per_unit_line(points, grows(self.stats))
 
     def _rate(self, seconds: float, batch: int) -> float:
         return self.stats.flops_per_sample * batch / seconds
