@@ -10,6 +10,8 @@ import re
 import time
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from conftest import ROOT
 
 from parallelnn import parallel
@@ -116,6 +118,56 @@ def test_pipeline_activations_in_flight_per_schedule():
     assert gpipe["activations"] == pytest.approx(4 * 2 * 1e9 / 2)  # all 4 microbatches
     assert one_f["activations"] == pytest.approx(2 * 2 * 1e9 / 2)  # up to p = 2
     assert inter["activations"] == pytest.approx(2.5 * 2 * 1e9 / 2)  # p + (p-1)/v = 2.5
+
+
+@pytest.mark.parametrize("p,v", [(2, 2), (3, 2), (4, 2), (2, 3), (4, 3)])
+def test_interleaved_passes_run_in_torchs_order(p, v):
+    """The order the cost model walks is the one torch's ScheduleInterleaved1F1B runs (its private
+    per-rank list of actions, read here only to check ours against)."""
+    from torch.distributed.pipelining import schedules
+
+    from parallelnn.parallel.pipeline import actions
+
+    for m in [m for m in range(1, 13) if m % max(1, m // p) == 0]:
+        sched = object.__new__(schedules.ScheduleInterleaved1F1B)
+        sched.n_local_stages, sched.pp_group_size, sched._n_microbatches = v, p, m
+        sched.number_of_rounds = max(1, m // p)
+        sched.microbatches_per_round = m // sched.number_of_rounds
+        for rank in range(p):
+            theirs = [(a.computation_type == schedules._ComputationType.FORWARD, a.stage_index // p)
+                      for a in sched._calculate_single_rank_operations(rank) if a is not None]
+            assert actions("interleaved-1f1b", p, m, v, rank) == theirs, (p, v, m, rank)
+
+
+def test_interleaved_ranks_hold_their_own_chunks_in_flight():
+    """Two ranks, two chunks each, 4 microbatches. Rank 0 runs forwards 0,0,1,1,0 | B1 F0 B1 F1 B0 ...: when its
+    sixth forward starts, all 4 microbatches of its first chunk are held and 1 of its second. Rank 1: 0,0,1 |
+    B1 F1 B1 F0 ...: 3 of its first chunk at most. Equal chunks give p + (p-1)/v = 2.5 rank-microbatches; a
+    first chunk three times as heavy as the second holds 13/4 = 3.25 of the average chunk pair's."""
+    from parallelnn.parallel.pipeline import actions, held
+
+    assert held(actions("interleaved-1f1b", 2, 4, 2, 0), [0.5, 0.5]) == 2.5
+    assert held(actions("interleaved-1f1b", 2, 4, 2, 0), [3.0, 1.0]) == 4 * 3.0 + 1 * 1.0
+    assert held(actions("interleaved-1f1b", 2, 4, 2, 1), [3.0, 1.0]) == 3 * 3.0
+    assert held(actions("1f1b", 4, 8, 1, 1), [1.0]) == 3 and held(actions("1f1b", 4, 2, 1, 1), [1.0]) == 2
+    assert held(actions("gpipe", 2, 4, 1, 1), [1.0]) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["gpipe", "1f1b", "interleaved-1f1b"]), st.integers(1, 8), st.integers(1, 16),
+       st.data())
+def test_every_forward_is_freed_by_its_backward(schedule, p, m, data):
+    from parallelnn.parallel.pipeline import VIRTUAL, actions, held
+
+    v = VIRTUAL.get(schedule, 1)
+    assume(v == 1 or m % max(1, m // p) == 0)
+    rank = data.draw(st.integers(0, p - 1))
+    order = actions(schedule, p, m, v, rank)
+    for chunk in range(v):
+        passes = [forward for forward, c in order if c == chunk]
+        assert passes.count(True) == passes.count(False) == m
+        assert all(passes[:i + 1].count(True) >= passes[:i + 1].count(False) for i in range(len(passes)))
+    assert 1 / v <= held(order, [1 / v] * v) <= m
 
 
 def test_activation_recomputation_keeps_layer_inputs_and_costs_one_forward():

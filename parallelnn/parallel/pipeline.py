@@ -351,12 +351,39 @@ def shape_of(inp) -> tuple[int, int, int]:
     return p, v, inp.candidate.microbatches or default_microbatches(max(1, int(inp.per_rank_batch)), p * v)
 
 
+def actions(schedule: str | None, p: int, m: int, v: int, rank: int) -> list[tuple[bool, int]]:
+    """The passes ``rank`` runs in a step, in order, as ``torch.distributed.pipelining`` orders them: each a
+    (forward?, local chunk). GPipe (and 1F1B with fewer microbatches than stages, which runs GPipe's order):
+    all forwards, then all backwards. 1F1B: p - rank forwards, then a backward and a forward each. Interleaved
+    1F1B as ``ScheduleInterleaved1F1B`` (its ``_get_1f1b_rank_ops``): warm-up forwards round by round of
+    chunks, (v-1) rounds plus 2 per hop from the last rank, then a forward and a backward each, backwards
+    through the chunks in reverse."""
+    if v == 1:
+        warmup = m if schedule == "gpipe" or m < p else min(m, p - rank)
+        steady = [forward for _ in range(m - warmup) for forward in (False, True)]
+        return [(forward, 0) for forward in [True] * warmup + steady + [False] * warmup]
+    per_round = m // max(1, m // p)
+    warmup = min((v - 1) * per_round + 2 * (p - 1 - rank), v * m)
+    forwards = [(True, (i // per_round) % v) for i in range(v * m)]
+    backwards = [(False, v - 1 - (j // per_round) % v) for j in range(v * m)]
+    steady = [a for pair in zip(forwards[warmup:], backwards) for a in pair]
+    return forwards[:warmup] + steady + backwards[v * m - warmup:]
+
+
+def held(order: list[tuple[bool, int]], chunk_bytes: list[float]) -> float:
+    """The most activation bytes a rank holds at once along ``order`` (:func:`actions`): a chunk's forward
+    saves ``chunk_bytes[chunk]`` for its backward, which frees them."""
+    now = peak = 0.0
+    for forward, chunk in order:
+        now += chunk_bytes[chunk] if forward else -chunk_bytes[chunk]
+        peak = max(peak, now)
+    return peak
+
+
 def in_flight(schedule: str | None, p: int, m: int, v: int) -> float:
-    """Microbatches whose activations the first stage holds at once: GPipe all m; 1F1B up to p; interleaved
-    1F1B p + (p-1)/v (its warm-up runs ahead by whole rounds of chunks; Narayanan et al. 2021)."""
-    if schedule == "gpipe":
-        return m
-    return min(m, p + (p - 1) / v) if v > 1 else min(m, p)
+    """Microbatches whose activations the busiest rank holds at once, its chunks equal: GPipe all m; 1F1B up to
+    p; interleaved 1F1B, m a multiple of p, p + (p-1)/v (Narayanan et al. 2021)."""
+    return max(held(actions(schedule, p, m, v, r), [1 / v] * v) for r in range(p))
 
 
 def stage_parameters(stats, p: int) -> float:
@@ -378,15 +405,9 @@ def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
         layers = [i for k in range(v) for i in range(*bounds[r + k * p])]
         ranks.append({"flops": sum(flops[i] for i in layers) / total, "parameters": sum(params[i] for i in layers),
                       "activations": sum(acts[i] for i in layers), "last": r == (p * v - 1) % p,
+                      "chunks": [sum(acts[bounds[r + k * p][0]:bounds[r + k * p][1]]) for k in range(v)],
                       "stages": [bounds[r + k * p] for k in range(v)]})
     return ranks
-
-
-def _in_flight_of(schedule: str | None, p: int, m: int, v: int, rank: int) -> float:
-    """Microbatches whose activations ``rank`` holds at once: 1F1B's stage r holds p - r of them."""
-    if schedule == "1f1b" and v == 1:
-        return min(m, p - rank)
-    return in_flight(schedule, p, m, v)
 
 
 def bubble(compute: float, m: int, v: int, shares: list[float]) -> float:
@@ -416,10 +437,10 @@ def cost(inp):
         split = "stages balanced (1/p of FLOPs and parameters each, at least the largest layer)"
     else:
         share = max(r["flops"] for r in ranks)
-        held = [{**costs.model_state(inp, r["parameters"]),
-                 "activations": r["activations"] * b / m * _in_flight_of(c.schedule, p, m, v, i)
+        per_rank = [{**costs.model_state(inp, r["parameters"]),
+                 "activations": b / m * held(actions(c.schedule, p, m, v, i), r["chunks"])
                  + (s.activation_fixed_bytes if r["last"] else 0.0)} for i, r in enumerate(ranks)]
-        memory = max(held, key=lambda h: sum(h.values()))
+        memory = max(per_rank, key=lambda h: sum(h.values()))
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
     compute = costs.compute_seconds(inp, b, share)
     shares = [r["flops"] for r in ranks] if ranks else [share] * p
