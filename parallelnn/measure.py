@@ -387,7 +387,8 @@ class TensorBytes:
     saved tensor's storage counts once while any saved tensor still uses it (a weak reference notices its
     release), at its size when backward reads saved tensors (sampled then: storages a wrapper freed after
     saving, like FSDP's resharded weights, count as what they hold, nothing). Storages of parameters count
-    as parameters. This is the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
+    as parameters; a saved DTensor (tensor parallelism's layers save them) counts as its local shard. This is
+    the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
     allocator's and the framework's own memory, temporaries not saved for backward and communication
     buffers (the resident-set peak, ``peak_memory_bytes``, includes them).
     """
@@ -430,7 +431,7 @@ class TensorBytes:
         import weakref
 
         try:
-            storage = t.untyped_storage()
+            storage = _local(t).untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without a plain storage
             return t
@@ -454,7 +455,7 @@ class TensorBytes:
         total = 0
         for size, _, ref in self._live.values():
             t = ref() if ref is not None else None
-            total += t.untyped_storage().nbytes() if t is not None else size
+            total += _local(t).untyped_storage().nbytes() if t is not None else size
         return total
 
     def _release(self, key: int) -> None:
@@ -483,15 +484,21 @@ class TensorBytes:
             self.result = now
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this rank's bytes of ``t``: a DTensor's local shard (the DTensor itself is a wrapper
+    without storage; autograd saves DTensors for tensor parallelism's layers), else ``t``."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
+
 def _storage_ptr(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
     try:
-        return local.untyped_storage().data_ptr()
+        return _local(t).untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return -1
 
 
 def _local_bytes(t: torch.Tensor) -> int:
     """Bytes this rank holds of ``t`` (a DTensor's local shard)."""
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = _local(t)
     return local.numel() * local.element_size()

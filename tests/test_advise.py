@@ -289,6 +289,42 @@ def test_memory_per_rank_matches_the_tensors_each_trial_held(iris_advice):
         assert predicted >= 0.95 * c["measured_tensor_bytes"], c["label"]
 
 
+TP_COUNT = """
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from parallelnn.measure import TensorBytes
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+counted = []
+for tp in (False, True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    if tp:
+        parallelize_module(model, init_device_mesh("cpu", (1,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    x = torch.randn(32, 256).relu()  # an activation, as a layer before the pair would give it
+    probe = TensorBytes()
+    probe.start([*model.parameters()])
+    model(x).square().mean().backward()
+    counted.append(probe.stop())
+print(*counted)
+dist.destroy_process_group()
+"""
+
+
+def test_saved_dtensors_count_as_their_local_shards():
+    """Tensor parallelism's layers save DTensors, wrappers without storage of their own: counted as their local
+    shards. On one rank the plan shards nothing, so it saves what the plain model saves."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", TP_COUNT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain, tp = map(int, proc.stdout.split())
+    # The first Linear's input, the ReLU's output (the second Linear's input too), the square's input.
+    assert plain == 32 * (256 + 64 + 10) * 4 and tp == plain, (plain, tp)
+
+
 BAD = [
     (["iris", "--nproc-max", "0"], "--nproc-max 0: at least one process is needed"),
     (["iris", "--nproc-max", "64"], "--nproc-max 64: 64 processes on"),
