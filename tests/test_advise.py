@@ -250,7 +250,7 @@ def test_gpu_memory_parts_are_the_measured_peak_less_what_is_counted_and_the_res
 @pytest.fixture(scope="module")
 def iris_advice(tmp_path_factory):
     out = tmp_path_factory.mktemp("advise") / "iris"
-    proc = cli("advise", "iris", "--nproc-max", "2", "--trials", "5", "--budget-seconds", "150", "--json",
+    proc = cli("advise", "iris", "--nproc-max", "2", "--trials", "3", "--budget-seconds", "150", "--json",
                "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), out
