@@ -384,9 +384,11 @@ class TensorBytes:
     loader's data).
 
     The activation peak is counted with ``torch.autograd.graph.saved_tensors_hooks`` on one step: each
-    saved tensor's storage counts once while any saved tensor still uses it (a weak reference notices its
-    release), at its size when backward reads saved tensors (sampled then: storages a wrapper freed after
-    saving, like FSDP's resharded weights, count as what they hold, nothing). Storages of parameters count
+    saved tensor's storage counts once while the graph still holds any saved tensor using it (each is saved as
+    an alias of its own, whose release a weak reference notices: a tensor the caller keeps, like a pipeline
+    stage's receive buffer, stops counting when backward frees what was saved of it), at its size when
+    backward first reads saved tensors after any were saved (the most held since the last read; storages a
+    wrapper freed after saving, like FSDP's resharded weights, count as what they hold, nothing). Storages of parameters count
     as parameters; a saved DTensor (tensor parallelism's layers save them) counts as its local shard. This is
     the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
     allocator's and the framework's own memory, temporaries not saved for backward and communication
@@ -403,6 +405,7 @@ class TensorBytes:
         self._peak = 0
         self._params: set[int] = set()  # storages of parameters: saved for backward, but counted as parameters
         self._unpacks = 0
+        self._packed = False  # saved since the last read?
         self.region: int | None = None  # a caller's label for what runs now (see advise.stats) ...
         self.by_region: dict[int, int] = {}  # ... and the bytes first saved under each label
 
@@ -439,15 +442,20 @@ class TensorBytes:
             return t
         if self.region is not None and key not in self._live:
             self.by_region[self.region] = self.by_region.get(self.region, 0) + size
+        self._packed = True
+        # Saved as an alias of its own: the graph's reference dies when backward frees it, even where the
+        # tensor lives on (a pipeline stage keeps each microbatch's received input for the next step).
+        saved = t.detach()
         entry = self._live.setdefault(key, [size, 0, None])
         entry[1] += 1
-        entry[2] = weakref.ref(t)
-        weakref.finalize(t, self._release, key)
-        return t
+        entry[2] = weakref.ref(saved)
+        weakref.finalize(saved, self._release, key)
+        return saved
 
     def _unpack(self, t: torch.Tensor) -> torch.Tensor:
         self._unpacks += 1
-        if self._unpacks % 32 == 1:  # the first read of a backward, then now and then: the live storages' sizes
+        if self._packed:  # the first read after saving: the most held since the last read
+            self._packed = False
             self._peak = max(self._peak, self._live_bytes())
         return t
 

@@ -289,6 +289,24 @@ def test_memory_per_rank_matches_the_tensors_each_trial_held(iris_advice):
         assert predicted >= 0.95 * c["measured_tensor_bytes"], c["label"]
 
 
+def test_saved_bytes_are_freed_by_backward_even_where_the_tensor_lives_on():
+    """A pipeline stage keeps each microbatch's received input between steps; the activation count lets it go
+    when backward frees what was saved, and reads the peak at the first backward after any forward (a sample
+    every 32 reads missed peaks between them)."""
+    from parallelnn.measure import TensorBytes
+
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    kept = [torch.randn(32, 64) for _ in range(42)]  # 8 KB each, alive throughout, like receive buffers
+    probe = TensorBytes()
+    probe.start([w])
+    for x in kept[:40]:  # one microbatch at a time: forward, backward
+        (x @ w).sum().backward()
+    first, second = ((x @ w).sum() for x in kept[40:])  # then two in flight: 16 KB saved
+    first.backward()
+    second.backward()
+    assert probe.stop() == 2 * 32 * 64 * 4
+
+
 TP_COUNT = """
 import torch, torch.distributed as dist
 from torch import nn
