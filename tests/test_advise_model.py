@@ -153,6 +153,21 @@ def test_interleaved_ranks_hold_their_own_chunks_in_flight():
     assert held(actions("gpipe", 2, 4, 1, 1), [1.0]) == 4
 
 
+def test_a_pipeline_rank_keeps_receive_buffers_for_every_microbatch():
+    """torch.distributed.pipelining allocates a receive buffer per microbatch, kept between steps: activations
+    into every stage but the first, gradients into every stage but the last."""
+    from dataclasses import replace
+
+    from parallelnn.parallel.pipeline import receive_buffers
+
+    s = replace(STATS, boundary_bytes_per_sample=10.0)
+    assert [receive_buffers(s, 2, 1, r, 8) for r in (0, 1)] == [80.0, 80.0]  # gradients in; activations in
+    assert [receive_buffers(s, 2, 2, r, 8) for r in (0, 1)] == [240.0, 240.0]  # stages 0+2, 1+3: 3 each
+    assert [receive_buffers(s, 4, 1, r, 8) for r in range(4)] == [80.0, 160.0, 160.0, 80.0]
+    m = predict("pipeline", pp=2, microbatches=4, schedule="1f1b").memory_breakdown
+    assert m["buffers"] == pytest.approx(8 * STATS.boundary_bytes_per_sample)  # one direction, the batch of 8
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["gpipe", "1f1b", "interleaved-1f1b"]), st.integers(1, 8), st.integers(1, 16),
        st.data())

@@ -114,9 +114,10 @@ def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
 
 MEMORY_NOTE = (
     "memory_bytes_per_rank (predicted) and measured_tensor_bytes: parameters + gradients + optimizer state + "
-    "activations saved for backward on the largest rank, counted by tensor storage; the allocator's and framework's "
-    "own memory and temporaries are not in them (measured_peak_memory_bytes, the resident-set peak on CPU, includes "
-    "them)",
+    "activations saved for backward on the largest rank, counted by tensor storage; the prediction adds 'buffers' "
+    "(FSDP's gathered blocks, a pipeline's receive buffers), which that count cannot see; the allocator's and "
+    "framework's own memory and temporaries are in neither (measured_peak_memory_bytes, the resident-set peak on "
+    "CPU, includes them)",
     "memory_bytes_per_rank (predicted): parameters + gradients + optimizer state + saved activations + buffers as "
     "each strategy divides them, plus 'runtime' (one process's step, its peak measured by the CUDA allocator here, "
     "less the parts counted for it) and 'data' (the splits the memory loader keeps on each GPU); "

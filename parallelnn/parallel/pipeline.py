@@ -410,6 +410,14 @@ def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
     return ranks
 
 
+def receive_buffers(stats, p: int, v: int, rank: int, batch: float) -> float:
+    """Bytes of the buffers ``rank`` receives into, which ``torch.distributed.pipelining`` allocates once per
+    microbatch and keeps between steps: for each of its stages, the input activations of its whole per-rank
+    ``batch`` unless it is the first stage, and the gradients of its outputs unless it is the last."""
+    stages = [rank + k * p for k in range(v)]
+    return sum((s > 0) + (s < p * v - 1) for s in stages) * batch * stats.boundary_bytes_per_sample
+
+
 def bubble(compute: float, m: int, v: int, shares: list[float]) -> float:
     """Seconds the busiest rank idles in a step of ``compute`` seconds of its own work: the fill and drain
     pass each other rank's chunk of one microbatch once, so ``sum(others) / v`` of a microbatch's time (ranks'
@@ -433,13 +441,15 @@ def cost(inp):
     ranks = stage_shares(s, p, v)
     if ranks is None:
         share, memory = 1 / p, {**costs.model_state(inp, stage_parameters(s, p)),
-                                "activations": costs.activation_bytes(inp, b / m * in_flight(c.schedule, p, m, v), 1 / p)}
+                                "activations": costs.activation_bytes(inp, b / m * in_flight(c.schedule, p, m, v), 1 / p),
+                                "buffers": max(receive_buffers(s, p, v, r, b) for r in range(p))}
         split = "stages balanced (1/p of FLOPs and parameters each, at least the largest layer)"
     else:
         share = max(r["flops"] for r in ranks)
         per_rank = [{**costs.model_state(inp, r["parameters"]),
                  "activations": b / m * held(actions(c.schedule, p, m, v, i), r["chunks"])
-                 + (s.activation_fixed_bytes if r["last"] else 0.0)} for i, r in enumerate(ranks)]
+                 + (s.activation_fixed_bytes if r["last"] else 0.0),
+                     "buffers": receive_buffers(s, p, v, i, b)} for i, r in enumerate(ranks)]
         memory = max(per_rank, key=lambda h: sum(h.values()))
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
     compute = costs.compute_seconds(inp, b, share)
@@ -448,7 +458,8 @@ def cost(inp):
     problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
     return costs.StepCost(compute, memory, p2p, p2p, bubble(compute, m, v, shares), problem, [
         f"pipeline: {split}; boundary sends not overlapped; tied first/last-stage weights' gradient sum not "
-        "counted"])
+        "counted; receive buffers counted whole besides the activations (a stage that saves its received input "
+        "holds those bytes once)"])
 
 
 def cost_candidates(world_size: int, global_batch: int, dp: int = 1) -> list[tuple[Layout, int | None, str | None]]:
