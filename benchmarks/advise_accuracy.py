@@ -10,8 +10,8 @@ Prints, per workload, predicted vs measured step time and memory per rank with t
 each trial knows its own median (``±meas``: two standard errors, from its steps' interquartile range). The measured
 memory is the tensor bytes each trial's largest rank held (parameters, gradients, optimizer state and the
 peak of activations saved for backward, counted with saved-tensor hooks: ``measure.TensorBytes``); on a CPU
-nothing counts FSDP's transiently gathered blocks, so the prediction compared is the same parts (its
-``buffers`` left out; ``parallelnn advise`` shows them). Then the median and p90 of the step-time errors, the
+nothing counts FSDP's transiently gathered blocks or a pipeline's receive buffers, so the prediction compared
+is the same parts (its ``buffers`` left out; ``parallelnn advise`` shows them). Then the median and p90 of the step-time errors, the
 memory errors, Kendall's tau between the predicted and the measured ranking, and whether advise's recommendation (its
 own choice of at most 8 trials) is within 5% of the best candidate measured here. Timings on a shared
 machine move: run it when the machine is quiet, and read the ratios, not single figures.
