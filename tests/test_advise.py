@@ -84,6 +84,11 @@ def test_a_pipeline_probe_subtracts_its_stages_compute_and_bubble():
     # Three blocks on two stages: the busiest holds two, and the light one's microbatch is the bubble.
     odd = calibrate.probe_workload(3, cfg, ballast=1e-5, mm=1e-5)
     assert calibrate._without_fixed(cfg, odd, Layout(pp=2), 3, 0.009) == pytest.approx(0.006 + 0.006 / 4 * 0.5)
+    # The plain step it is measured against makes the pipeline's passes, a microbatch each (the stages' compute
+    # is timed per microbatch: what each pass costs is compute, not the schedule's).
+    assert calibrate._plain_passes(cfg, Layout(pp=2), 16) == 4 and calibrate._plain_passes(cfg, Layout(dp=2), 8) == 1
+    interleaved = replace(cfg, schedule="interleaved-1f1b", microbatches=None)
+    assert calibrate._plain_passes(interleaved, Layout(pp=2), 16) == 8  # 2 x 4 stages by default
 
 
 def test_trials_measure_a_second_of_steps_at_least_twelve():

@@ -413,7 +413,8 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     ctx = Context(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, local_world_size=world,
                   distributed=True)
     per_rank = ccfg.batch_size // layout.dp
-    key = (round(ballast, 12), per_rank)
+    passes = _plain_passes(ccfg, layout, per_rank)
+    key = (round(ballast, 12), per_rank, passes)
     alone = {} if alone is None else alone
     # The plain step's model, copied before the strategy changes the probe in place (FSDP shards it, tensor
     # parallelism makes its weights DTensors): a copy taken after would step with the strategy's collectives,
@@ -436,9 +437,20 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     waiting = 0.0 if latency is None else _calls_seconds(step, latency, calls, candidate.label())
     stop.drain()
     if key not in alone:
-        plain = Engine(pristine, workload, ccfg, ctx.device, total_steps=MOST_STEPS)
+        plain = Engine(pristine, workload, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
         alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
     return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key])) + waiting
+
+
+def _plain_passes(cfg, layout, per_rank: int) -> int:
+    """Forward + backward passes the plain step makes of the batch, as the strategy's step does: a pipeline's
+    microbatches (its stages were timed per microbatch, so the per-call cost of each pass is compute, not the
+    schedule's), else one."""
+    from parallelnn.parallel import pipeline
+
+    if layout.pp < 2:
+        return 1
+    return pipeline.microbatches(cfg, per_rank, layout.pp * pipeline.VIRTUAL.get(cfg.schedule, 1))
 
 
 def _calls_seconds(step, latency: dict[str, float], calls: dict[str, dict[str, int]] | None, label: str) -> float:
