@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 
@@ -310,6 +311,25 @@ def test_saved_bytes_are_freed_by_backward_even_where_the_tensor_lives_on():
     first.backward()
     second.backward()
     assert probe.stop() == 2 * 32 * 64 * 4
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("schedule,m,workload", [("interleaved-1f1b", 2, "mnist"),
+                                                 ("interleaved-1f1b", 4, "examples/tiny_lm.py:build")])
+def test_receive_buffers_are_what_torch_allocates(schedule, m, workload):
+    """The receive buffers predicted for each rank, to the byte, against those torch.distributed.pipelining
+    allocated after a step (a CNN's boundaries of different sizes; an LM's four stages on two ranks)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "tests" / "pipeline_buffers.py"), schedule, str(m), workload],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(found) for found in re.findall(r"\{[^{}]*\}", proc.stdout)]  # two ranks' lines may meet
+    assert len(ranks) == 2 and all(r["allocated"] > 0 and r["allocated"] == r["predicted"] for r in ranks), ranks
 
 
 TP_COUNT = """

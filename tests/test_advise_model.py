@@ -166,6 +166,10 @@ def test_a_pipeline_rank_keeps_receive_buffers_for_every_microbatch():
     assert [receive_buffers(s, 4, 1, r, 8) for r in range(4)] == [80.0, 160.0, 160.0, 80.0]
     m = predict("pipeline", pp=2, microbatches=4, schedule="1f1b").memory_breakdown
     assert m["buffers"] == pytest.approx(8 * STATS.boundary_bytes_per_sample)  # one direction, the batch of 8
+    # Where the stages' layers are known, each boundary at its own size: stages (0, 2) and (2, 3) of three
+    # layers send the second layer's output and receive its gradient back.
+    outputs = replace(s, layer_output_bytes_per_sample=[5.0, 3.0, 7.0])
+    assert receive_buffers(outputs, 2, 1, 0, 8, [(0, 2)]) == receive_buffers(outputs, 2, 1, 1, 8, [(2, 3)]) == 24.0
 
 
 @settings(max_examples=200, deadline=None)

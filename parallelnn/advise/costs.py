@@ -138,6 +138,8 @@ class ModelStats:
     layer_flops: list[float] | None = None
     layer_parameters: list[int] | None = None
     layer_activation_bytes_per_sample: list[float] | None = None
+    #: Per pipeline layer (when known): its output's bytes per sample (what a stage ending there sends).
+    layer_output_bytes_per_sample: list[float] | None = None
     #: Bytes the memory-bound ops (everything but the FLOPs counted: matmuls, convolutions, fused attention)
     #: read and write per sample in forward + backward, at the compute dtype; timed at the hardware's
     #: ``memory_bandwidth`` when it has one. Of which: the blocks' forward (what recomputation runs again), and

@@ -410,12 +410,18 @@ def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
     return ranks
 
 
-def receive_buffers(stats, p: int, v: int, rank: int, batch: float) -> float:
+def receive_buffers(stats, p: int, v: int, rank: int, batch: float, bounds: list | None = None) -> float:
     """Bytes of the buffers ``rank`` receives into, which ``torch.distributed.pipelining`` allocates once per
     microbatch and keeps between steps: for each of its stages, the input activations of its whole per-rank
-    ``batch`` unless it is the first stage, and the gradients of its outputs unless it is the last."""
-    stages = [rank + k * p for k in range(v)]
-    return sum((s > 0) + (s < p * v - 1) for s in stages) * batch * stats.boundary_bytes_per_sample
+    ``batch`` unless it is the first stage, and the gradients of its outputs unless it is the last. With the
+    stages' layer ``bounds`` (first, end) and the layers' output sizes known, each boundary at its own size;
+    else each at the model's largest."""
+    outputs = stats.layer_output_bytes_per_sample
+    if bounds is None or not outputs:
+        stages = [rank + k * p for k in range(v)]
+        return sum((s > 0) + (s < p * v - 1) for s in stages) * batch * stats.boundary_bytes_per_sample
+    last = len(outputs)
+    return batch * sum((outputs[a - 1] if a > 0 else 0.0) + (outputs[b - 1] if b < last else 0.0) for a, b in bounds)
 
 
 def bubble(compute: float, m: int, v: int, shares: list[float]) -> float:
@@ -449,7 +455,7 @@ def cost(inp):
         per_rank = [{**costs.model_state(inp, r["parameters"]),
                  "activations": b / m * held(actions(c.schedule, p, m, v, i), r["chunks"])
                  + (s.activation_fixed_bytes if r["last"] else 0.0),
-                     "buffers": receive_buffers(s, p, v, i, b)} for i, r in enumerate(ranks)]
+                     "buffers": receive_buffers(s, p, v, i, b, r["stages"])} for i, r in enumerate(ranks)]
         memory = max(per_rank, key=lambda h: sum(h.values()))
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
     compute = costs.compute_seconds(inp, b, share)
