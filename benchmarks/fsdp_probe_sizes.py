@@ -1,0 +1,88 @@
+"""What FSDP costs a step beyond the plain step, on the MNIST CNN and on two probes with its block count and
+ballast matching its compute: advise's 16-wide probe, and one whose blocks carry the real blocks' parameter
+counts (a padding parameter each, whose gradient is zeros). Two ranks bound to their cores, gloo, batch 64.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/fsdp_probe_sizes.py
+
+The question it answers: does the probe's fixed cost miss FSDP's per-byte work under load (the real blocks'
+all-gathers and reduce-scatters sharing each rank's one core with its compute)?
+"""
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallelnn.advise import calibrate
+from parallelnn.config import RunConfig
+from parallelnn.launch import Context, bind_cores, set_threads
+from parallelnn.parallel import Layout, fsdp
+from parallelnn.parallel.engine import Engine, blocks_of
+from parallelnn.runner import build_workload, check
+
+
+class Padded(nn.Module):
+    """A probe block holding ``parameters`` in all: its Linear and a padding parameter FSDP gathers and reduces."""
+
+    def __init__(self, linear: nn.Linear, parameters: int):
+        super().__init__()
+        own = sum(p.numel() for p in linear.parameters())
+        self.linear, self.pad = linear, nn.Parameter(torch.zeros(max(0, parameters - own)))
+
+    def forward(self, x):
+        return self.linear(x) + self.pad.sum() * 0
+
+
+def timed(step, steps: int = 40, warmup: int = 8) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    bind_cores(rank, 2)
+    set_threads(None, 2)  # as the ranks of a run: the cores shared evenly
+    cfg = check(RunConfig(workload="mnist", quiet=True, strategy="fsdp", nproc=2, batch_size=64))
+    cfg, real = build_workload(cfg, torch.device("cpu"), lambda msg: None)
+    ctx = Context(device=torch.device("cpu"), rank=rank, world_size=2, local_rank=rank, local_world_size=2,
+                  distributed=True)
+
+    def overhead(workload, label: str) -> float:
+        sample = workload.train.head(64)
+        x = sample.prepare(sample.inputs)[rank * 32:(rank + 1) * 32]
+        y = sample.targets[rank * 32:(rank + 1) * 32]
+        plain = Engine(copy.deepcopy(workload.model), workload, cfg, ctx.device, total_steps=100)
+        alone = timed(lambda: plain.train_step(x, y, 1 / 32))
+        engine = fsdp.apply(workload.model, workload, cfg, ctx, Layout(dp=2), 100)
+        sharded = timed(lambda: engine.train_step(x, y, 1 / 64))
+        if rank == 0:
+            print(f"{label:26s} plain {1e3 * alone:6.2f} ms  fsdp {1e3 * sharded:6.2f} ms  "
+                  f"overhead {1e3 * (sharded - alone):6.2f} ms", flush=True)
+        return alone
+
+    counts = [sum(p.numel() for p in b.parameters()) for b in blocks_of(real.model, real)]
+    ballast = overhead(real, "MNIST CNN") / 32 / len(counts)  # the real plain step, per sample per block
+    mm = calibrate.mm_seconds()
+    for label, padded in (("probe, 16 wide", False), ("probe, real block sizes", True)):
+        probe = calibrate.probe_workload(len(counts), cfg, ballast, mm, samples=64)
+        if padded:
+            linears = [j for j, layer in enumerate(probe.model) if isinstance(layer, nn.Linear)]
+            for j, n in zip(linears, counts):
+                probe.model[j] = Padded(probe.model[j], n)
+        overhead(probe, label)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
