@@ -5,7 +5,9 @@ counts (a padding parameter each, whose gradient is zeros). Two ranks bound to t
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/fsdp_probe_sizes.py
 
 The question it answers: does the probe's fixed cost miss FSDP's per-byte work under load (the real blocks'
-all-gathers and reduce-scatters sharing each rank's one core with its compute)?
+all-gathers and reduce-scatters sharing each rank's one core with its compute)? A third probe has the real
+sizes and memory-bound ballast (streaming through 8 MB) instead of a cache-resident matrix product; its
+ballast is timed on one rank alone, so with both ranks streaming its plain step runs long (20 vs 12 ms here).
 """
 
 import copy
@@ -34,6 +36,41 @@ class Padded(nn.Module):
 
     def forward(self, x):
         return self.linear(x) + self.pad.sum() * 0
+
+
+class _Stream(torch.autograd.Function):
+    """Identity whose forward and backward stream ``reps`` times through a buffer larger than the caches."""
+
+    @staticmethod
+    def forward(ctx, x, buf, out, forward_reps: int, backward_reps: int):
+        for _ in range(forward_reps):
+            torch.add(buf, 1.0, out=out)
+        ctx.buf, ctx.out, ctx.reps = buf, out, backward_reps
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        for _ in range(ctx.reps):
+            torch.add(ctx.buf, 1.0, out=ctx.out)
+        return grad, None, None, None, None
+
+
+class StreamBallast(nn.Module):
+    """Like advise's Ballast, but memory-bound: ``seconds_per_sample`` of streaming through 8 MB per sample."""
+
+    def __init__(self, seconds_per_sample: float, op_seconds: float):
+        super().__init__()
+        self.seconds_per_sample, self.op_seconds = seconds_per_sample, op_seconds
+        self.buf, self.out = torch.ones(1 << 20), torch.empty(1 << 20)
+
+    def forward(self, x):
+        reps = self.seconds_per_sample * len(x) / self.op_seconds
+        return _Stream.apply(x, self.buf, self.out, round(reps / 3), round(2 * reps / 3))
+
+
+def stream_seconds() -> float:
+    buf, out = torch.ones(1 << 20), torch.empty(1 << 20)
+    return calibrate.timed_steps(lambda: torch.add(buf, 1.0, out=out))
 
 
 def timed(step, steps: int = 40, warmup: int = 8) -> float:
@@ -74,8 +111,14 @@ def main() -> None:
     counts = [sum(p.numel() for p in b.parameters()) for b in blocks_of(real.model, real)]
     ballast = overhead(real, "MNIST CNN") / 32 / len(counts)  # the real plain step, per sample per block
     mm = calibrate.mm_seconds()
-    for label, padded in (("probe, 16 wide", False), ("probe, real block sizes", True)):
+    op = stream_seconds()
+    for label, padded, streaming in (("probe, 16 wide", False, False), ("probe, real block sizes", True, False),
+                                     ("real sizes, streaming", True, True)):
         probe = calibrate.probe_workload(len(counts), cfg, ballast, mm, samples=64)
+        if streaming:
+            for j, layer in enumerate(probe.model):
+                if isinstance(layer, calibrate.Ballast):
+                    probe.model[j] = StreamBallast(ballast, op)
         if padded:
             linears = [j for j, layer in enumerate(probe.model) if isinstance(layer, nn.Linear)]
             for j, n in zip(linears, counts):
