@@ -388,9 +388,9 @@ class TensorBytes:
     an alias of its own, whose release a weak reference notices: a tensor the caller keeps, like a pipeline
     stage's receive buffer, stops counting when backward frees what was saved of it), at its size when
     backward first reads saved tensors after any were saved (the most held since the last read; storages a
-    wrapper freed after saving, like FSDP's resharded weights, count as what they hold, nothing). Storages of parameters count
-    as parameters; a saved DTensor (tensor parallelism's layers save them) counts as its local shard. This is
-    the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
+    wrapper freed after saving, like FSDP's resharded weights, count as what they hold, nothing). Storages of
+    parameters count as parameters; a saved DTensor (tensor parallelism's layers save them) counts as its
+    local shard. This is the memory a strategy divides, the figure ``advise`` predicts; it leaves out the
     allocator's and the framework's own memory, temporaries not saved for backward and communication
     buffers (the resident-set peak, ``peak_memory_bytes``, includes them).
     """

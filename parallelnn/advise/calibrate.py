@@ -476,8 +476,7 @@ def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
     per_stage = [sum(isinstance(layer, Ballast) for layer in layers[a:b]) / units for a, b in bounds]
     shares = [sum(per_stage[r::p]) for r in range(p)]
     compute = alone * max(shares)
-    m = pipeline.microbatches(cfg, cfg.batch_size // layout.dp, p * v)
-    return compute + pipeline.bubble(compute, m, v, shares)
+    return compute + pipeline.bubble(compute, _plain_passes(cfg, layout, cfg.batch_size // layout.dp), v, shares)
 
 
 def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],

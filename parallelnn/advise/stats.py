@@ -90,7 +90,7 @@ def model_stats(workload, batch: int = 8) -> dict[str, Any]:
         "tokens_per_sample": workload.tokens_per_sample,
         **tensor_parallel_figures(workload, model, x, y),
         **per_layer,
-        **({"layer_output_bytes_per_sample": [float(b) for b in boundaries]} if workload.layers is not None else {}),
+        "layer_output_bytes_per_sample": [float(b) for b in boundaries] if workload.layers is not None else None,
     }
     return stats
 

@@ -392,8 +392,9 @@ def stage_parameters(stats, p: int) -> float:
 
 
 def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
-    """Per rank, when the model's layers are known: its share of the FLOPs, its parameters and its activation
-    bytes per sample, with the stages split as :func:`stage_bounds` splits them (balanced forward FLOPs)."""
+    """Per rank, when the model's layers are known: its share of the FLOPs, its parameters, its stages' layer
+    bounds and each stage's (chunk's) activation bytes per sample, with the stages split as :func:`stage_bounds`
+    splits them (balanced forward FLOPs)."""
     flops, params, acts = stats.layer_flops, stats.layer_parameters, stats.layer_activation_bytes_per_sample
     if not flops or not params or not acts or p * v > sum(1 for n in params if n):
         return None
@@ -402,11 +403,11 @@ def stage_shares(stats, p: int, v: int) -> list[dict[str, float]] | None:
     total = sum(flops) or 1.0
     ranks = []
     for r in range(p):
-        layers = [i for k in range(v) for i in range(*bounds[r + k * p])]
+        stages = [bounds[r + k * p] for k in range(v)]
+        layers = [i for a, b in stages for i in range(a, b)]
         ranks.append({"flops": sum(flops[i] for i in layers) / total, "parameters": sum(params[i] for i in layers),
-                      "activations": sum(acts[i] for i in layers), "last": r == (p * v - 1) % p,
-                      "chunks": [sum(acts[bounds[r + k * p][0]:bounds[r + k * p][1]]) for k in range(v)],
-                      "stages": [bounds[r + k * p] for k in range(v)]})
+                      "chunks": [sum(acts[a:b]) for a, b in stages], "last": r == (p * v - 1) % p,
+                      "stages": stages})
     return ranks
 
 
@@ -453,8 +454,8 @@ def cost(inp):
     else:
         share = max(r["flops"] for r in ranks)
         per_rank = [{**costs.model_state(inp, r["parameters"]),
-                 "activations": b / m * held(actions(c.schedule, p, m, v, i), r["chunks"])
-                 + (s.activation_fixed_bytes if r["last"] else 0.0),
+                     "activations": b / m * held(actions(c.schedule, p, m, v, i), r["chunks"])
+                     + (s.activation_fixed_bytes if r["last"] else 0.0),
                      "buffers": receive_buffers(s, p, v, i, b, r["stages"])} for i, r in enumerate(ranks)]
         memory = max(per_rank, key=lambda h: sum(h.values()))
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
