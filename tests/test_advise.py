@@ -66,12 +66,16 @@ def test_ballast_is_compute_without_effect(monkeypatch):
     assert torch.equal(out, x) and len(calls) == 10
     out.sum().backward()
     assert torch.equal(x.grad, torch.ones(3, 4)) and len(calls) == 30
+    # A probe's first block: its input needs no gradient, yet its backward computes, as the real first layer's
+    # weight gradients do.
+    layer(torch.randn(3, 4)).sum().backward()
+    assert len(calls) == 60 and layer.anchor.grad is None
 
 
 def test_a_pipeline_probe_subtracts_its_stages_compute_and_bubble():
-    """What a pipeline's probe step would take without fixed costs: the busiest rank's share of the ballast
-    (here 2 of 4 blocks) and 1F1B's bubble over 4 microbatches ((p-1)/m of that share); without ballast, or
-    without a pipeline, the plain step."""
+    """What a pipeline's probe step would take without fixed costs: its busiest rank's ballast over the per-rank
+    batch (here 2 of 4 equal blocks) and 1F1B's bubble over 4 microbatches ((p-1)/m of that share); a probe
+    without ballast, or without a pipeline, subtracts its plain step instead."""
     from dataclasses import replace
 
     from parallelnn.parallel import Layout
@@ -79,17 +83,43 @@ def test_a_pipeline_probe_subtracts_its_stages_compute_and_bubble():
     cfg = replace(RunConfig(workload="iris", quiet=True, batch_size=16), strategy="pipeline", schedule="1f1b",
                   microbatches=4)
     loaded = calibrate.probe_workload(4, cfg, ballast=1e-5, mm=1e-5)
-    assert calibrate._without_fixed(cfg, loaded, Layout(pp=2), 4, 0.010) == pytest.approx(0.010 * 0.5 * (1 + 1 / 4))
-    assert calibrate._without_fixed(cfg, calibrate.probe_workload(4, cfg), Layout(pp=2), 4, 0.010) == 0.010
-    assert calibrate._without_fixed(cfg, loaded, Layout(dp=2), 4, 0.010) == 0.010
+    assert calibrate._without_fixed(cfg, loaded, Layout(pp=2)) == pytest.approx(2e-5 * 16 * (1 + 1 / 4))
+    assert calibrate._rank_ballast(cfg, calibrate.probe_workload(4, cfg), Layout(pp=2)) is None
+    assert calibrate._rank_ballast(cfg, loaded, Layout(dp=2)) is None
     # Three blocks on two stages: the busiest holds two, and the light one's microbatch is the bubble.
     odd = calibrate.probe_workload(3, cfg, ballast=1e-5, mm=1e-5)
-    assert calibrate._without_fixed(cfg, odd, Layout(pp=2), 3, 0.009) == pytest.approx(0.006 + 0.006 / 4 * 0.5)
+    assert calibrate._without_fixed(cfg, odd, Layout(pp=2)) == pytest.approx(3.2e-4 + 3.2e-4 / 4 * 0.5)
     # The plain step it is measured against makes the pipeline's passes, a microbatch each (the stages' compute
     # is timed per microbatch: what each pass costs is compute, not the schedule's).
     assert calibrate._plain_passes(cfg, Layout(pp=2), 16) == 4 and calibrate._plain_passes(cfg, Layout(dp=2), 8) == 1
     interleaved = replace(cfg, schedule="interleaved-1f1b", microbatches=None)
     assert calibrate._plain_passes(interleaved, Layout(pp=2), 16) == 8  # 2 x 4 stages by default
+
+
+def test_a_pipeline_probe_stands_for_the_real_stages():
+    """A block a stage, each loaded with its stage's timed seconds and sending its real boundary's bytes: split
+    where its blocks begin, each stage holds one block; the ranks' shares of the work are their ballast's."""
+    from dataclasses import replace
+
+    from parallelnn.parallel import Layout, pipeline
+
+    cfg = replace(RunConfig(workload="iris", quiet=True, batch_size=16), strategy="pipeline", schedule="1f1b",
+                  microbatches=4)
+    probe = calibrate.probe_workload(3, cfg, mm=1e-5, ballasts=[3e-5, 0.0, 1e-5], widths=[100, 16])
+    starts = calibrate.block_starts(probe)
+    split = replace(cfg, split=",".join(map(str, starts)))
+    bounds = pipeline.stage_bounds(split, probe, 3)
+    layers = probe.layers(probe.model)
+    assert [sum(isinstance(m, torch.nn.Linear) for m in layers[a:b]) for a, b in bounds] == [1, 1, 1]
+    x = probe.train.inputs[:5]
+    stage = [torch.nn.Sequential(*layers[a:b]) for a, b in bounds]
+    assert stage[0](x).shape == (5, 100)  # the first stage sends 100 floats a sample
+    assert stage[1](torch.zeros(5, 100)).shape == (5, 16)
+    assert probe.model(x).shape == (5, 16)
+    four = calibrate.probe_workload(4, cfg, mm=1e-5, ballasts=[3e-5, 1e-5, 2e-5, 1e-5])
+    interleaved = replace(cfg, schedule="interleaved-1f1b", split=",".join(map(str, calibrate.block_starts(four))))
+    assert calibrate._rank_ballast(interleaved, four, Layout(pp=2)) == pytest.approx([5e-5, 2e-5])  # 0+2, 1+3
+    assert calibrate._rank_ballast(split, probe, Layout(pp=3)) == pytest.approx([3e-5, 0.0, 1e-5])
 
 
 def test_trials_measure_a_second_of_steps_at_least_twelve():
@@ -123,8 +153,11 @@ def test_fixed_costs_are_measured_on_a_probe_of_the_candidates_layout():
     cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
     assert calibrate.probe_units(3, group) == 3
-    measured = calibrate.spawn(2, cfg, [], [], group, 3, timeout=120)
-    assert set(measured["fixed"]) == {"ddp dp2", "fsdp dp2", "tensor tp2"}
+    # A pipeline's probe stands for its real stages (iris' two Linear layers, 50 features between them).
+    pipe = Candidate("pipeline", Layout(pp=2), microbatches=2, schedule="1f1b")
+    shapes = {pipe.label(): {"stages": [[0, 2], [2, 3]], "widths": [50]}}
+    measured = calibrate.spawn(2, cfg, [], [], group + [pipe], 3, timeout=120, shapes=shapes)
+    assert set(measured["fixed"]) == {"ddp dp2", "fsdp dp2", "tensor tp2", pipe.label()}
     assert measured["fixed"]["fsdp dp2"] > measured["fixed"]["ddp dp2"] >= 0
     assert measured["fixed"]["tensor tp2"] > 1e-3  # 3.6-3.9 ms here; 0-2.6 ms with the copy taken after
     assert set(measured["collectives"]) == set(calibrate.KINDS)

@@ -463,6 +463,21 @@ def test_an_unbalanced_pipeline_idles_for_the_light_stages_only():
     assert bubble(0.9, 2, 1, [0.9, 0.1]) == pytest.approx(0.9 / 2 * 0.1 / 0.9)
 
 
+def test_stages_timed_here_set_the_bubble_where_their_flops_would_not():
+    """A head with a tenth of the FLOPs may take a quarter of the time (memory-bound layers): with the stages
+    timed (this machine's calibration), the ranks' shares of the work are their stages' seconds."""
+    from dataclasses import replace
+
+    s = replace(STATS, layers=2, layer_flops=[9.0, 1.0], layer_parameters=[1, 1],
+                layer_activation_bytes_per_sample=[1.0, 1.0])
+    c = Candidate("pipeline", Layout(pp=2), microbatches=2, schedule="1f1b")
+    by_flops = predict_step(s, HW, c, 8)
+    assert by_flops.bubble_seconds == pytest.approx(by_flops.compute_seconds / 2 * 0.1 / 0.9)
+    timed = predict_step(s, replace(HW, stage_seconds=[0.03, 0.01]), c, 8)
+    assert timed.compute_seconds == by_flops.compute_seconds  # the busiest rank's time is the rate's to set
+    assert timed.bubble_seconds == pytest.approx(timed.compute_seconds / 2 * 0.01 / 0.03)
+
+
 # -- memory-bound work, recomputed share, causal attention, grouped-query attention's saved tensors ----------
 
 def test_memory_bound_bytes_add_at_the_hbm_bandwidth_only_where_the_hardware_states_it():

@@ -283,10 +283,12 @@ PROBE_WARMUP, PROBE_STEPS, PROBE_SECONDS = 5, 12, 0.6
 
 
 class _Busy(torch.autograd.Function):
-    """Identity whose forward and backward keep this rank's cores busy with ``reps`` matrix products each."""
+    """Identity whose forward and backward keep this rank's cores busy with ``reps`` matrix products each;
+    ``anchor`` (a scalar that requires a gradient and never gets one) makes the backward run where ``x`` needs
+    no gradient: the first block of a probe, whose real counterpart computes its weights' gradients there."""
 
     @staticmethod
-    def forward(ctx, x, matrix, forward_reps: int, backward_reps: int):
+    def forward(ctx, x, anchor, matrix, forward_reps: int, backward_reps: int):
         for _ in range(forward_reps):
             torch.mm(matrix, matrix)
         ctx.matrix, ctx.reps = matrix, backward_reps
@@ -296,7 +298,7 @@ class _Busy(torch.autograd.Function):
     def backward(ctx, grad):
         for _ in range(ctx.reps):
             torch.mm(ctx.matrix, ctx.matrix)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class Ballast(torch.nn.Module):
@@ -310,35 +312,79 @@ class Ballast(torch.nn.Module):
         super().__init__()
         self.seconds_per_sample, self.mm_seconds = seconds_per_sample, mm_seconds
         self.matrix = torch.ones(self.SIZE, self.SIZE)
+        self.anchor = torch.zeros((), requires_grad=True)  # not a parameter: nothing to gather, reduce or update
 
     def forward(self, x):
         reps = self.seconds_per_sample * len(x) / self.mm_seconds if self.mm_seconds else 0.0
-        return _Busy.apply(x, self.matrix, round(reps / 3), round(2 * reps / 3))
+        return _Busy.apply(x, self.anchor, self.matrix, round(reps / 3), round(2 * reps / 3))
 
 
-def mm_seconds() -> float:
-    """Seconds of one :class:`Ballast` matrix product here, with this process's threads."""
+def mm_seconds(batches: int = 7, calls: int = 50) -> float:
+    """Seconds of one :class:`Ballast` matrix product here, with this process's threads: the median of
+    ``batches`` batches' means (a few milliseconds in all, so that it is measured right before each probe: one
+    taken seconds earlier, in a slow spell, made every probe's ballast 30% short here)."""
     m = torch.ones(Ballast.SIZE, Ballast.SIZE)
-    return timed_steps(lambda: torch.mm(m, m))
+    torch.mm(m, m)
+    means = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(m, m)
+        means.append((time.perf_counter() - t0) / calls)
+    return statistics.median(means)
 
 
-def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, samples: int | None = None):
+class Narrow(torch.nn.Module):
+    """The first :data:`PROBE_WIDTH` features of a wider input: what a probe block reads of a :class:`Widen`'s."""
+
+    def forward(self, x):
+        return x[..., :PROBE_WIDTH]
+
+
+class Widen(torch.nn.Module):
+    """A probe block's output padded with zeros to ``width`` features: a pipeline probe's stage then sends (and
+    receives the gradient of) as many bytes as the real stage it stands for, at next to no compute."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x):
+        return torch.nn.functional.pad(x, (0, self.width - x.shape[-1]))
+
+
+def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, samples: int | None = None,
+                   ballasts: list[float] | None = None, widths: list[int] | None = None):
     """A model with ``units`` blocks (Linear layers of width 16, ReLU between) and nothing else to speak of:
     what a strategy costs on it is what it costs besides FLOPs and bytes. ``ballast``: seconds per sample of
-    parameter-free compute in each block (see :class:`Ballast`). ``samples``: in its training split (default:
-    one batch)."""
+    parameter-free compute in each block (see :class:`Ballast`); ``ballasts``: per block instead. ``widths``:
+    features of each block's output but the last (a block wider than 16 pads its output, :class:`Widen`, and
+    the next reads the first 16). ``samples``: in its training split (default: one batch)."""
     from torch import nn
 
     from parallelnn.workload import Workload, complete
 
+    ballasts = ballasts or [ballast] * units
+    widths = widths or [PROBE_WIDTH] * (units - 1)
     layers: list[nn.Module] = []
-    for _ in range(units):
+    for k in range(units):
+        layers += [Narrow()] if k and widths[k - 1] > PROBE_WIDTH else []
         # Ballast first: a block's output is then its Linear's (FSDP warns of a module returning a view).
-        layers += ([Ballast(ballast, mm)] if ballast else []) + [nn.Linear(PROBE_WIDTH, PROBE_WIDTH), nn.ReLU()]
+        layers += ([Ballast(ballasts[k], mm)] if ballasts[k] else []) + [nn.Linear(PROBE_WIDTH, PROBE_WIDTH)]
+        if k < units - 1:
+            layers += [nn.ReLU()] + ([Widen(widths[k])] if widths[k] > PROBE_WIDTH else [])
     g = torch.Generator().manual_seed(0)
     n = samples or max(cfg.batch_size, 2)
     x, y = torch.randn(n, PROBE_WIDTH, generator=g), torch.randint(0, PROBE_WIDTH, (n,), generator=g)
-    return complete(Workload(model=nn.Sequential(*layers[:-1]), train=(x, y), test=(x[:2], y[:2])), cfg.seed, "probe")
+    return complete(Workload(model=nn.Sequential(*layers), train=(x, y), test=(x[:2], y[:2])), cfg.seed, "probe")
+
+
+def block_starts(workload) -> list[int]:
+    """Indices of the layers where a probe's blocks 2.. begin (the first layer after a block's ReLU or Widen):
+    a pipeline probe of one block per stage splits there (``--split``)."""
+    layers = workload.layers(workload.model)
+    return [i for i in range(1, len(layers))
+            if isinstance(layers[i - 1], (torch.nn.ReLU, Widen)) and not isinstance(layers[i], Widen)]
 
 
 def loop_seconds(cfg, device: torch.device, steps: int = 200) -> float:
@@ -384,13 +430,16 @@ def _agreed_steps(warm: list[float]) -> int:
     return int(wanted.item())
 
 
-def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float = 0.0, mm: float = 0.0,
-               alone: dict | None = None, latency: dict[str, float] | None = None,
-               calls: dict[str, dict[str, int]] | None = None) -> float | None:
+def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float | list[float] = 0.0,
+               mm: float = 0.0, alone: dict | None = None, latency: dict[str, float] | None = None,
+               calls: dict[str, dict[str, int]] | None = None, widths: list[int] | None = None) -> float | None:
     """Median step seconds of ``candidate``'s strategy on the probe, less what that step would take without
     fixed costs (:func:`_without_fixed`, from the probe's plain step); None when the strategy refuses the
     probe (every rank decides the same, so none waits for another). ``ballast``:
-    seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate.
+    seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate; a
+    list: per block, and then each block is a pipeline stage of its own (the probe split there), its output
+    ``widths`` wide (see :func:`probe_workload`): a pipeline probe standing for the real stages' compute and
+    boundaries.
     ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once.
     ``latency``: under a fake process group (one process standing for rank 0 of ``world``, its collectives
     doing nothing), seconds a call of each kind takes; the step's calls are counted (:class:`CallCount`) and
@@ -404,7 +453,12 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     from parallelnn.trainer import StopFlag
 
     ccfg = replace(cfg, **run_options(candidate))
-    workload = probe_workload(units, ccfg, ballast, mm)
+    staged = isinstance(ballast, list)
+    workload = probe_workload(units, ccfg, 0.0 if staged else ballast, mm, ballasts=ballast if staged else None,
+                              widths=widths)
+    # One stage a block when the blocks stand for the real stages; else split as the strategy splits the probe
+    # (not at the real model's --split, whose indices are its layers').
+    ccfg = replace(ccfg, split=",".join(map(str, block_starts(workload))) if staged else None)
     try:
         strategy, layout = parallel.resolve(ccfg, world)
         strategy.check(ccfg, workload, layout)
@@ -414,12 +468,13 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
                   distributed=True)
     per_rank = ccfg.batch_size // layout.dp
     passes = _plain_passes(ccfg, layout, per_rank)
-    key = (round(ballast, 12), per_rank, passes)
+    loaded = _rank_ballast(ccfg, workload, layout)  # a pipeline's: its own ballast says what it would take
+    key = (tuple(round(b, 12) for b in (ballast if staged else [ballast])), tuple(widths or ()), per_rank, passes)
     alone = {} if alone is None else alone
     # The plain step's model, copied before the strategy changes the probe in place (FSDP shards it, tensor
     # parallelism makes its weights DTensors): a copy taken after would step with the strategy's collectives,
     # a time-bound number of them on each rank.
-    pristine = copy.deepcopy(workload.model) if key not in alone else None
+    pristine = copy.deepcopy(workload.model) if key not in alone and not loaded else None
     engine = strategy.apply(workload.model, workload, ccfg, ctx, layout, PROBE_WARMUP + MOST_STEPS)
     x = workload.train.inputs[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
     y = workload.train.targets[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
@@ -436,10 +491,14 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     times = [step() for _ in range(_agreed_steps(warm))]
     waiting = 0.0 if latency is None else _calls_seconds(step, latency, calls, candidate.label())
     stop.drain()
-    if key not in alone:
-        plain = Engine(pristine, workload, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
-        alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
-    return max(0.0, statistics.median(times) - _without_fixed(ccfg, workload, layout, units, alone[key])) + waiting
+    if loaded:
+        without = _without_fixed(ccfg, workload, layout)
+    else:
+        if key not in alone:
+            plain = Engine(pristine, workload, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
+            alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
+        without = alone[key]
+    return max(0.0, statistics.median(times) - without) + waiting
 
 
 def _plain_passes(cfg, layout, per_rank: int) -> int:
@@ -463,55 +522,77 @@ def _calls_seconds(step, latency: dict[str, float], calls: dict[str, dict[str, i
     return sum(n * latency[kind] for kind, n in counted.calls.items())
 
 
-def _without_fixed(cfg, workload, layout, units: int, alone: float) -> float:
-    """What the probe's step would take with no fixed cost, as the cost model puts it: its plain step; for a
-    pipeline, its busiest rank's share of the ballast and the schedule's bubble (:func:`pipeline.bubble`)."""
+def _rank_ballast(cfg, workload, layout) -> list[float] | None:
+    """Seconds of ballast per sample each rank of a pipeline probe computes (its stages'), or None when the probe
+    is no pipeline or carries no ballast."""
     from parallelnn.parallel import pipeline
 
     layers = workload.layers(workload.model)
     if layout.pp < 2 or not any(isinstance(layer, Ballast) for layer in layers):
-        return alone
+        return None
     p, v = layout.pp, pipeline.VIRTUAL.get(cfg.schedule, 1)
-    bounds = pipeline.stage_bounds(cfg, workload, p * v)
-    per_stage = [sum(isinstance(layer, Ballast) for layer in layers[a:b]) / units for a, b in bounds]
-    shares = [sum(per_stage[r::p]) for r in range(p)]
-    compute = alone * max(shares)
-    return compute + pipeline.bubble(compute, _plain_passes(cfg, layout, cfg.batch_size // layout.dp), v, shares)
+    per_stage = [sum(layer.seconds_per_sample for layer in layers[a:b] if isinstance(layer, Ballast))
+                 for a, b in pipeline.stage_bounds(cfg, workload, p * v)]
+    return [sum(per_stage[r::p]) for r in range(p)]
+
+
+def _without_fixed(cfg, workload, layout) -> float:
+    """What a pipeline probe's step would take with no fixed cost, as the cost model puts it: its busiest rank's
+    ballast over the per-rank batch (the real stages' timed compute, :func:`probe_seconds`) and the schedule's
+    bubble (:func:`pipeline.bubble`), the ranks' shares of the work being their ballast's. The rest of its step
+    (the schedule's own work, the boundaries' transfers) is the fixed cost. (Other probes subtract their plain
+    step, timed.)"""
+    from parallelnn.parallel import pipeline
+
+    shares = _rank_ballast(cfg, workload, layout)
+    per_rank = cfg.batch_size // layout.dp
+    compute = max(shares) * per_rank
+    m = _plain_passes(cfg, layout, per_rank)
+    return compute + pipeline.bubble(compute, m, pipeline.VIRTUAL.get(cfg.schedule, 1), shares)
 
 
 def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dict[str, float],
                   passes: dict[int, tuple[float, float]], latency: dict[str, float] | None = None,
-                  calls: dict[str, dict[str, int]] | None = None,
-                  resized: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, list]]:
+                  calls: dict[str, dict[str, int]] | None = None, resized: dict[str, int] | None = None,
+                  shapes: dict[str, dict] | None = None, staged: dict[str, float] | None = None
+                  ) -> tuple[dict[str, float], dict[str, list]]:
     """Every candidate's fixed cost; under the compute load of the real model where its step was timed:
     ``loads[label]`` (the share of a whole forward + backward a rank of that candidate computes) times the
     pass seconds measured at the batch one of its passes handles (a pipeline's microbatch), spread over the
     probe's blocks. ``latency``: one process under a fake process group (see :func:`_probe_one`); a strategy
     that cannot run so is left out. ``resized``: candidates timed again on a probe of another size (label ->
-    its block count), so that what a step pays once is told from what it pays per block or call. Returns
-    ({label: seconds}, {label: [blocks, seconds] of the resized probe})."""
+    its block count), so that what a step pays once is told from what it pays per block or call. ``shapes``:
+    pipeline candidates' real stages (label -> {"stages": [[first layer, end layer], ...] in order, "widths":
+    each stage's output in floats per sample}): their probe has a block per stage, loaded with that stage's
+    timed seconds (``staged``, keyed as :func:`stage_seconds` keys them) and sending its real boundary's bytes.
+    Returns ({label: seconds}, {label: [blocks, seconds] of the resized probe})."""
     import torch.distributed as dist
 
-    mm = mm_seconds()
     found: dict[str, float] = {}
     again: dict[str, list] = {}
     alone: dict = {}
     for c in candidates:
         batch = c.pass_batch(cfg.batch_size)
         measured = passes.get(batch)
-        for size in [units] + ([resized[c.label()]] if resized and c.label() in resized else []):
+        shape = (shapes or {}).get(c.label())
+        first = len(shape["stages"]) if shape else units
+        for size in [first] + ([resized[c.label()]] if resized and c.label() in resized else []):
             ballast = loads.get(c.label(), 0.0) * measured[0] / batch / size if measured else 0.0
+            if shape:
+                timed = [(staged or {}).get(f"{a}-{b}-{batch}") for a, b in shape["stages"]]
+                ballast = [t / batch for t in timed] if all(timed) else [ballast] * size
+            mm = mm_seconds()  # now: the machine's pace moves over seconds, and the ballast must keep time
             dist.barrier()
             try:
                 seconds = _probe_one(cfg, c, size, rank, world, ballast, mm, alone, latency,
-                                     calls if size == units else None)
+                                     calls if size == first else None, shape["widths"] if shape else None)
             except Exception:  # noqa: BLE001 - with real ranks a failure is the calibration's; alone, one candidate's
                 if latency is None:
                     raise
                 seconds = None
             if seconds is None:
                 break
-            if size == units:
+            if size == first:
                 found[c.label()] = seconds
             else:
                 again[c.label()] = [size, seconds]
@@ -546,17 +627,20 @@ class CallCount(torch.utils._python_dispatch.TorchDispatchMode):
 
 def alone_seconds(world: int, cfg, candidates, units: int, loads: dict[str, float],
                   passes: dict[int, tuple[float, float]], timeout: float = 300.0,
-                  resized: dict[str, int] | None = None) -> dict[str, Any]:
+                  resized: dict[str, int] | None = None, shapes: dict[str, dict] | None = None,
+                  staged: dict[str, float] | None = None) -> dict[str, Any]:
     """What :func:`spawn` measures between ``world`` processes, measured in one: the collectives between gloo
     ranks that are threads (:func:`inprocess_collectives`), and each candidate's fixed cost as rank 0 of
     ``world`` under a fake process group (its strategy's own code run at the real layout, its collectives
     doing nothing), plus its calls per step (``calls``, by kind) times their latency. Run in a fresh process (a
-    default process group, even a fake one, is not for the advising process to keep)."""
-    return _in_fresh_process(_alone_worker, (world, cfg, list(candidates), units, loads, passes, resized or {}), 1,
-                             timeout)
+    default process group, even a fake one, is not for the advising process to keep). ``shapes``, ``staged``:
+    pipeline probes as the real stages (:func:`probe_seconds`)."""
+    args = (world, cfg, list(candidates), units, loads, passes, resized or {}, shapes or {}, staged or {})
+    return _in_fresh_process(_alone_worker, args, 1, timeout)
 
 
-def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, loads, passes, resized) -> None:
+def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, loads, passes, resized, shapes,
+                  staged) -> None:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
@@ -571,15 +655,16 @@ def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, load
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     calls: dict[str, dict[str, int]] = {}
     try:
-        fixed, again = (probe_seconds(cfg, candidates, units, 0, world, loads, passes, latency, calls, resized)
-                        if candidates else ({}, {}))
+        fixed, again = (probe_seconds(cfg, candidates, units, 0, world, loads, passes, latency, calls, resized,
+                                      shapes, staged) if candidates else ({}, {}))
     finally:
         dist.destroy_process_group()
     Path(out).write_text(json.dumps({"collectives": raw, "fixed": fixed, "fixed_resized": again, "calls": calls}))
 
 
 def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int], stages, candidates,
-            units: int, loads: dict[str, float], device_type: str = "cpu", resized: dict | None = None) -> None:
+            units: int, loads: dict[str, float], device_type: str = "cpu", resized: dict | None = None,
+            shapes: dict | None = None) -> None:
     """One of ``world`` processes on this machine, as a rank of a job would be: its share of the cores, the
     model's steps timed while the others step too, the collectives, then the candidates' fixed costs.
     ``device_type="cuda"``: the collectives alone, NCCL's, each rank on a GPU of its own."""
@@ -602,8 +687,8 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
         workload = workloads.build(cfg.workload, cfg, torch.device("cpu"), log=lambda m: None)
         steps = _time_steps(workload, cfg, batches, stages)
     results = _time_collectives(rank, world, device)
-    fixed, again = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"], resized=resized)
-                    if cfg is not None and candidates else ({}, {}))
+    fixed, again = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"], resized=resized,
+                                  shapes=shapes, staged=steps["stages"]) if cfg is not None and candidates else ({}, {}))
     if cfg is not None and batches:  # timed once more, the collectives and probes later: the faster of the two
         steps = fastest(steps, _time_steps(workload, cfg, batches, stages))
     if rank == 0:
@@ -630,16 +715,16 @@ def fit(points: list[tuple[int, float]]) -> dict[str, float]:
 
 def spawn(world: int, cfg=None, batches: list[int] = (), stages=(), candidates=(), units: int = 2,
           loads: dict[str, float] | None = None, timeout: float = 300.0, device_type: str = "cpu",
-          resized: dict[str, int] | None = None) -> dict[str, Any]:
+          resized: dict[str, int] | None = None, shapes: dict[str, dict] | None = None) -> dict[str, Any]:
     """Run :func:`_worker` in ``world`` fresh processes; rank 0's measurements. Processes still running
-    after ``timeout`` seconds are ended (RuntimeError). ``resized``: see :func:`probe_seconds`."""
+    after ``timeout`` seconds are ended (RuntimeError). ``resized``, ``shapes``: see :func:`probe_seconds`."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = (world, port, cfg, list(batches), list(stages), list(candidates), units, loads or {}, device_type,
-            resized or {})
+            resized or {}, shapes or {})
     return _in_fresh_process(_worker, args, world, timeout)
 
 

@@ -67,6 +67,10 @@ class Hardware:
     #: (normalisations, activations, softmax of the loss, residual adds, casts) moves ``nonmatmul_bytes`` at this
     #: rate (``costs.compute_seconds``). None: not modelled apart (``matmul_efficiency`` covers it).
     memory_bandwidth: float | None = None
+    #: A pipeline candidate's stages, in order, as timed here: seconds of one microbatch's forward + backward
+    #: each. The bubble reads the ranks' shares of the work from them (a memory-bound stage takes longer than
+    #: its FLOPs say); None: from the FLOPs.
+    stage_seconds: list[float] | None = None
 
     def link(self, kind: str) -> Link:
         """The within-node link of a collective ``kind``."""

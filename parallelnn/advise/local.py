@@ -14,6 +14,7 @@ links then carry bandwidth only, so no latency counts twice.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import replace
@@ -66,6 +67,7 @@ class Machine:
         self.fixed: dict[str, float] = {}  # candidate label -> seconds a step pays besides FLOPs and bytes
         self.updates: dict[int, list[float]] = {}  # processes -> optimizer seconds per parameter, per measurement
         self.stage_rates: dict[str, float] = {}  # pipeline candidate label -> FLOP/s of its busiest rank, as timed
+        self.stage_times: dict[str, list[float]] = {}  # pipeline candidate label -> seconds of each stage, in order
         from parallelnn.launch import resolve_device
 
         self.device = resolve_device(cfg.device)
@@ -73,6 +75,7 @@ class Machine:
         self.loop: float | None = None  # seconds the training loop adds to every step (calibrate.loop_seconds)
         self.problems: list[str] = []  # what could not be measured, said with the advice
         self._probes: dict[int, ModelStats] = {}  # probe block count -> its stats
+        self.carried: set[str] = set()  # candidates whose probe sent the real boundaries' bytes between processes
 
     def calibrate(self, candidates: list[Candidate], global_batch: int) -> None:
         """Measure every (process count, pass batch) the candidates need, each process count in one go."""
@@ -97,10 +100,10 @@ class Machine:
                 passes, update = steps[b]
                 self.rates[(n, b)] = self._rate(passes, b)
                 self.updates.setdefault(n, []).append(update / max(self.stats.parameters, 1))
-            if n > 1 and n not in self.links:
-                self._alone(n, group, steps)
             if stages and not staged:
                 staged = calibrate.stage_seconds(self.workload, self.cfg, stages, threads)
+            if n > 1 and n not in self.links:
+                self._alone(n, group, steps, staged)
             for c in group:
                 self._stage_rate(c, global_batch, staged)
         if len(needed) > 1:  # the single process timed again after the others, the faster of the two (fastest)
@@ -114,26 +117,30 @@ class Machine:
         the advice goes on)."""
         by_name = not self.cfg.workload.startswith("python:")  # else: one process at a time, in calibrate
         units = calibrate.probe_units(self.stats.blocks, group)
+        shapes = self._shapes(group)
         try:
             measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
                                        group, units, {c.label(): self._load(c) for c in group},
-                                       resized=self._resized(group, units))
+                                       resized=self._resized(group, units), shapes=shapes)
         except Exception as err:  # noqa: BLE001 - a failed calibration costs accuracy, not the advice
             self.problems.append(f"calibrating {n} processes at once failed ({_last_line(err)}); their predictions "
                                  "use one process's measurements")
             return {}, {}
         self.links[n] = calibrate.fitted(measured["collectives"])
         self._fixed(group, measured, units)
+        self.carried |= {label for label, shape in shapes.items() if shape["widths"] and label in measured["fixed"]}
         return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
 
-    def _alone(self, n: int, group: list[Candidate], steps: dict[int, tuple[float, float]]) -> None:
+    def _alone(self, n: int, group: list[Candidate], steps: dict[int, tuple[float, float]],
+               staged: dict[str, float]) -> None:
         """The links and fixed costs of ``n`` processes, measured in one (:func:`.calibrate.alone_seconds`):
         what the strategies' own code costs and how long their calls take, not how ranks sharing the cores
         slow each other. If even that fails, it is noted and communication is left out."""
         units = calibrate.probe_units(self.stats.blocks, group)
         try:
             measured = calibrate.alone_seconds(n, self.cfg, group, units, {c.label(): self._load(c) for c in group},
-                                               steps, resized=self._resized(group, units))
+                                               steps, resized=self._resized(group, units),
+                                               shapes=self._shapes(group), staged=staged)
         except Exception as err:  # noqa: BLE001 - as in _together: a failed calibration costs accuracy only
             self.problems.append(f"calibrating {n} ranks in one process failed ({_last_line(err)}); their "
                                  "collectives and fixed costs are not predicted (taken as free)")
@@ -193,6 +200,21 @@ class Machine:
             return None
         return stage_shares(self.stats, candidate.layout.pp, VIRTUAL.get(candidate.schedule, 1))
 
+    def _shapes(self, group: list[Candidate]) -> dict[str, dict]:
+        """The pipeline candidates' probes, as their real stages (:func:`.calibrate.probe_seconds`): the stages'
+        layers in order, and each stage's output in floats per sample (at least the probe's width; None when the
+        layers' outputs are not known)."""
+        shapes = {}
+        for c in group:
+            ranks = self._pipeline_ranks(c)
+            if not ranks:
+                continue
+            stages = sorted(s for r in ranks for s in r["stages"])
+            out = self.stats.layer_output_bytes_per_sample
+            widths = [max(calibrate.PROBE_WIDTH, math.ceil(out[b - 1] / 4)) for _, b in stages[:-1]] if out else None
+            shapes[c.label()] = {"stages": [list(s) for s in stages], "widths": widths}
+        return shapes
+
     def _stage_jobs(self, candidate: Candidate, global_batch: int) -> list[tuple[int, int, int]]:
         """(first layer, end layer, microbatch) of every stage of a pipeline candidate, to be timed."""
         ranks = self._pipeline_ranks(candidate)
@@ -202,7 +224,8 @@ class Machine:
     def _stage_rate(self, candidate: Candidate, global_batch: int, staged: dict[str, float]) -> None:
         """A pipeline candidate's rate: its busiest rank's stages, as timed, per microbatch, over the FLOP
         share the cost model gives that rank (stages differ in how fast they compute: a convolution runs
-        nearer the peak than a pooling layer)."""
+        nearer the peak than a pooling layer); and each stage's seconds, from which the bubble reads the ranks'
+        shares of the work (``Hardware.stage_seconds``)."""
         ranks = self._pipeline_ranks(candidate)
         if not ranks:
             return
@@ -211,6 +234,8 @@ class Machine:
         if min(times) > 0:
             share = max(r["flops"] for r in ranks)
             self.stage_rates[candidate.label()] = self.stats.flops_per_sample * batch * share / max(times)
+            stages = sorted(s for r in ranks for s in r["stages"])
+            self.stage_times[candidate.label()] = [staged[f"{a}-{b}-{batch}"] for a, b in stages]
 
     def _probe_counts(self, strategy: str, size: int) -> float:
         """How many times a probe of ``size`` blocks pays ``strategy``'s growing fixed costs (its ``fixed_units``)."""
@@ -272,6 +297,8 @@ class Machine:
         latency = candidate.label() not in self.fixed
         link = link_for(n, fitted, latency=latency)
         kinds = {k: link_for(n, fitted, k, latency) for k in calibrate.KINDS} if fitted else None
+        if kinds and candidate.label() in self.carried:  # its probe's fixed cost holds the transfers, as they ran
+            kinds["send_recv"] = Link(bandwidth=1e18, latency=0.0)
         rate = self.stage_rates.get(candidate.label(), self.rates[key])
         if self.device.type == "cuda":
             import torch
@@ -288,6 +315,7 @@ class Machine:
                         memory_bytes=ram_bytes() // n, devices_per_node=n, intra=link, inter=link,
                         matmul_efficiency=1.0, max_devices=n, comm_overlap=0.0, kind_links=kinds,
                         optimizer_seconds_per_parameter=statistics.median(self.updates[n]),
+                        stage_seconds=self.stage_times.get(candidate.label()),
                         notes=f"measured here: {threads_for(n)} threads per rank; gloo over loopback")
 
     def predict(self, candidate: Candidate, global_batch: int, dtype: str = "fp32") -> Prediction:

@@ -461,6 +461,9 @@ def cost(inp):
         split = "stages split as the strategy splits them (balanced forward FLOPs of the model's layers)"
     compute = costs.compute_seconds(inp, b, share)
     shares = [r["flops"] for r in ranks] if ranks else [share] * p
+    timed = inp.hw.stage_seconds
+    if timed and len(timed) == p * v:  # stage k runs on rank k % p
+        shares = [sum(timed[r::p]) for r in range(p)]
     p2p = costs.pipeline_p2p(inp, inp.group("pp"), b / m, m, v)
     problem = f"{p * v} pipeline stages but the model has {s.layers} layers to split" if p * v > s.layers else None
     return costs.StepCost(compute, memory, p2p, p2p, bubble(compute, m, v, shares), problem, [
