@@ -1,6 +1,7 @@
 """What FSDP costs a step beyond the plain step, on the MNIST CNN and on two probes with its block count and
 ballast matching its compute: advise's 16-wide probe, and one whose blocks carry the real blocks' parameter
-counts (a padding parameter each, whose gradient is zeros). Two ranks bound to their cores, gloo, batch 64.
+counts (``calibrate.Padded``: a padding parameter each, whose gradient is zeros; what advise's FSDP probe is
+now). Two ranks bound to their cores, gloo, batch 64.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/fsdp_probe_sizes.py
 
@@ -24,18 +25,6 @@ from parallelnn.launch import Context, bind_cores, set_threads
 from parallelnn.parallel import Layout, fsdp
 from parallelnn.parallel.engine import Engine, blocks_of
 from parallelnn.runner import build_workload, check
-
-
-class Padded(nn.Module):
-    """A probe block holding ``parameters`` in all: its Linear and a padding parameter FSDP gathers and reduces."""
-
-    def __init__(self, linear: nn.Linear, parameters: int):
-        super().__init__()
-        own = sum(p.numel() for p in linear.parameters())
-        self.linear, self.pad = linear, nn.Parameter(torch.zeros(max(0, parameters - own)))
-
-    def forward(self, x):
-        return self.linear(x) + self.pad.sum() * 0
 
 
 class _Stream(torch.autograd.Function):
@@ -122,7 +111,7 @@ def main() -> None:
         if padded:
             linears = [j for j, layer in enumerate(probe.model) if isinstance(layer, nn.Linear)]
             for j, n in zip(linears, counts):
-                probe.model[j] = Padded(probe.model[j], n)
+                probe.model[j] = calibrate.Padded(probe.model[j], n)
         overhead(probe, label)
     dist.destroy_process_group()
 

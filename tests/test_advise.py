@@ -201,9 +201,9 @@ def test_a_fixed_cost_is_carried_to_the_models_size_along_the_line_through_two_p
 
 
 def test_a_second_probe_size_is_chosen_where_the_models_count_differs_from_the_probes():
-    """Iris' MLP has two blocks and one Linear pair: a probe of 4 blocks counts 5 FSDP units (blocks and the
-    root) and 2 row-wise all-reduces, so both strategies are timed again at 2 blocks, whose counts are the
-    model's; DDP's fixed cost does not grow with the model and is timed once."""
+    """Iris' MLP has two blocks and one Linear pair: a probe of 4 blocks counts 2 row-wise all-reduces, so tensor
+    parallelism is timed again at 2 blocks, whose count is the model's; DDP's fixed cost does not grow with the
+    model and is timed once; FSDP's probe has the real blocks, as large (timed once, taken as measured)."""
     from parallelnn.advise.costs import Candidate, ModelStats
     from parallelnn.advise.local import Machine
     from parallelnn.parallel import Layout
@@ -211,13 +211,13 @@ def test_a_second_probe_size_is_chosen_where_the_models_count_differs_from_the_p
     cfg, workload = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
     machine = Machine(workload, cfg, ModelStats(**model_stats(workload)))
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
-    assert machine._resized(group, 4) == {"fsdp dp2": 2, "tensor tp2": 2}
+    assert machine._resized(group, 4) == {"tensor tp2": 2}
     assert machine._probe_counts("fsdp", 2) == 3 and machine._probe_counts("tensor", 2) == 1
     assert machine._resized(group, 2) == {}  # the probe's counts are the model's already
     measured = {"fixed": {"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3},
-                "fixed_resized": {"fsdp dp2": [2, 7e-3], "tensor tp2": [2, 4e-3]}}
+                "fixed_resized": {"tensor tp2": [2, 4e-3]}}
     machine._fixed(group, measured, 4)
-    assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 7e-3, "tensor tp2": 4e-3})
+    assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 4e-3})
 
 
 def test_model_statistics_of_the_mnist_cnn():
@@ -231,6 +231,29 @@ def test_model_statistics_of_the_mnist_cnn():
     assert s["blocks"] == 5  # the layers with parameters: what FSDP shards one by one
     assert s["boundary_bytes_per_sample"] == 32 * 28 * 28 * 4  # the widest layer output
     assert s["tp_sharded_fraction"] > 0.9 and s["tp_sharded_flops_fraction"] < 0.15  # FC: most weights, few FLOPs
+    # Tensor parallelism all-reduces fc2's 64 outputs in the forward, and the gradient of fc1's input (the 3,136
+    # flattened features, a partial sum on each rank) in the backward: 49 times the bytes.
+    assert s["tp_allreduce_bytes_per_sample"] == 64 * 4 and s["tp_allreduce_calls"] == 1
+    assert s["tp_backward_allreduce_bytes_per_sample"] == 3136 * 4 and s["tp_backward_allreduce_calls"] == 1
+
+
+def test_a_probe_for_fsdp_holds_the_real_blocks_parameters():
+    """FSDP moves parameters: its probe has the real model's blocks, each as large (the root's own parameters
+    go to the first block); the gathers and reduce-scatters then move the real bytes under the real load."""
+    from parallelnn.advise.costs import Candidate, ModelStats
+    from parallelnn.advise.local import Machine
+    from parallelnn.parallel import Layout
+    from parallelnn.parallel.engine import blocks_of
+
+    cfg, workload = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
+    machine = Machine(workload, cfg, ModelStats(**model_stats(workload)))
+    shapes = machine._shapes([Candidate("fsdp", Layout(dp=2)), Candidate("ddp", Layout(dp=2))])
+    assert shapes == {"fsdp dp2": {"parameters": [4 * 50 + 50, 50 * 3 + 3]}}
+    probe = calibrate.probe_workload(3, cfg, parameters=[1000, 300, 5000])
+    assert [sum(p.numel() for p in b.parameters()) for b in blocks_of(probe.model, probe)] == [1000, 300, 5000]
+    x = probe.train.inputs[:4]
+    probe.model(x).sum().backward()  # the padding's gradient exists (zeros), so FSDP reduce-scatters it
+    assert all(b.pad.grad is not None and not b.pad.grad.any() for b in blocks_of(probe.model, probe))
 
 
 def test_the_training_loop_costs_a_step_more_than_its_engine():

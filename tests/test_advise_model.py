@@ -245,6 +245,17 @@ def test_tensor_parallel_all_reduces_are_on_the_critical_path():
     assert p.comm_seconds == pytest.approx(2 * 20 * (per_call / 100e9 + 2 * 1e-6))
     assert p.exposed_comm_seconds == p.comm_seconds
     assert p.compute_seconds == pytest.approx(0.96 * 0.6)
+    # A CNN's head: the backward all-reduces the gradient of the flattened features (one call, 50x the bytes of
+    # the logits the forward sums).
+    from dataclasses import replace
+
+    head = replace(STATS, tp_allreduce_bytes_per_sample=256.0, tp_allreduce_calls=1,
+                   tp_backward_allreduce_bytes_per_sample=12800.0, tp_backward_allreduce_calls=1)
+    p = predict_step(head, HW, Candidate("tensor", Layout(tp=2)), 8)
+    assert p.comm_seconds == pytest.approx((256 + 12800) * 8 / 100e9 + 2 * 2 * 1e-6)
+    # Its first Linear reads the data (no gradient wanted): no backward all-reduce.
+    none = predict_step(replace(head, tp_backward_allreduce_calls=0), HW, Candidate("tensor", Layout(tp=2)), 8)
+    assert none.comm_seconds == pytest.approx(256 * 8 / 100e9 + 2 * 1e-6)
 
 
 def idle(stages: int, microbatches: int, virtual: int = 1) -> float:

@@ -353,13 +353,28 @@ class Widen(torch.nn.Module):
         return torch.nn.functional.pad(x, (0, self.width - x.shape[-1]))
 
 
+class Padded(torch.nn.Module):
+    """A probe block holding ``parameters`` in all: its Linear and a padding parameter (its gradient zeros), so
+    that a strategy that moves parameters (FSDP's gathers and reduce-scatters) moves the real block's bytes."""
+
+    def __init__(self, linear: torch.nn.Linear, parameters: int):
+        super().__init__()
+        own = sum(p.numel() for p in linear.parameters())
+        self.linear, self.pad = linear, torch.nn.Parameter(torch.zeros(max(1, parameters - own)))
+
+    def forward(self, x):
+        return self.linear(x) + self.pad.sum() * 0
+
+
 def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, samples: int | None = None,
-                   ballasts: list[float] | None = None, widths: list[int] | None = None):
+                   ballasts: list[float] | None = None, widths: list[int] | None = None,
+                   parameters: list[int] | None = None):
     """A model with ``units`` blocks (Linear layers of width 16, ReLU between) and nothing else to speak of:
     what a strategy costs on it is what it costs besides FLOPs and bytes. ``ballast``: seconds per sample of
     parameter-free compute in each block (see :class:`Ballast`); ``ballasts``: per block instead. ``widths``:
     features of each block's output but the last (a block wider than 16 pads its output, :class:`Widen`, and
-    the next reads the first 16). ``samples``: in its training split (default: one batch)."""
+    the next reads the first 16). ``parameters``: each block's parameter count (:class:`Padded`). ``samples``: in
+    its training split (default: one batch)."""
     from torch import nn
 
     from parallelnn.workload import Workload, complete
@@ -370,7 +385,9 @@ def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, sampl
     for k in range(units):
         layers += [Narrow()] if k and widths[k - 1] > PROBE_WIDTH else []
         # Ballast first: a block's output is then its Linear's (FSDP warns of a module returning a view).
-        layers += ([Ballast(ballasts[k], mm)] if ballasts[k] else []) + [nn.Linear(PROBE_WIDTH, PROBE_WIDTH)]
+        linear = nn.Linear(PROBE_WIDTH, PROBE_WIDTH)
+        layers += ([Ballast(ballasts[k], mm)] if ballasts[k] else []) + [Padded(linear, parameters[k]) if parameters
+                                                                          else linear]
         if k < units - 1:
             layers += [nn.ReLU()] + ([Widen(widths[k])] if widths[k] > PROBE_WIDTH else [])
     g = torch.Generator().manual_seed(0)
@@ -432,14 +449,17 @@ def _agreed_steps(warm: list[float]) -> int:
 
 def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float | list[float] = 0.0,
                mm: float = 0.0, alone: dict | None = None, latency: dict[str, float] | None = None,
-               calls: dict[str, dict[str, int]] | None = None, widths: list[int] | None = None) -> float | None:
+               calls: dict[str, dict[str, int]] | None = None, shape: dict | None = None,
+               update: float = 0.0) -> float | None:
     """Median step seconds of ``candidate``'s strategy on the probe, less what that step would take without
     fixed costs (:func:`_without_fixed`, from the probe's plain step); None when the strategy refuses the
     probe (every rank decides the same, so none waits for another). ``ballast``:
     seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate; a
     list: per block, and then each block is a pipeline stage of its own (the probe split there), its output
-    ``widths`` wide (see :func:`probe_workload`): a pipeline probe standing for the real stages' compute and
-    boundaries.
+    ``shape["widths"]`` wide (see :func:`probe_workload`): a pipeline probe standing for the real stages' compute
+    and boundaries. ``shape["parameters"]``: the blocks hold the real blocks' parameter counts, and what the step
+    would take without fixed costs is its ballast and ``update`` (the real model's optimizer step) over the
+    data-parallel ranks, not a plain step timed (whose padding would count its own overhead).
     ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once.
     ``latency``: under a fake process group (one process standing for rank 0 of ``world``, its collectives
     doing nothing), seconds a call of each kind takes; the step's calls are counted (:class:`CallCount`) and
@@ -454,8 +474,10 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
 
     ccfg = replace(cfg, **run_options(candidate))
     staged = isinstance(ballast, list)
+    shape = shape or {}
+    widths, sized = shape.get("widths"), shape.get("parameters")
     workload = probe_workload(units, ccfg, 0.0 if staged else ballast, mm, ballasts=ballast if staged else None,
-                              widths=widths)
+                              widths=widths, parameters=sized)
     # One stage a block when the blocks stand for the real stages; else split as the strategy splits the probe
     # (not at the real model's --split, whose indices are its layers').
     ccfg = replace(ccfg, split=",".join(map(str, block_starts(workload))) if staged else None)
@@ -468,7 +490,7 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
                   distributed=True)
     per_rank = ccfg.batch_size // layout.dp
     passes = _plain_passes(ccfg, layout, per_rank)
-    loaded = _rank_ballast(ccfg, workload, layout)  # a pipeline's: its own ballast says what it would take
+    loaded = _rank_ballast(ccfg, workload, layout) or sized  # its own ballast says what it would take
     key = (tuple(round(b, 12) for b in (ballast if staged else [ballast])), tuple(widths or ()), per_rank, passes)
     alone = {} if alone is None else alone
     # The plain step's model, copied before the strategy changes the probe in place (FSDP shards it, tensor
@@ -491,7 +513,9 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     times = [step() for _ in range(_agreed_steps(warm))]
     waiting = 0.0 if latency is None else _calls_seconds(step, latency, calls, candidate.label())
     stop.drain()
-    if loaded:
+    if sized:
+        without = ballast * per_rank * units + update / layout.dp
+    elif loaded:
         without = _without_fixed(ccfg, workload, layout)
     else:
         if key not in alone:
@@ -564,7 +588,8 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
     its block count), so that what a step pays once is told from what it pays per block or call. ``shapes``:
     pipeline candidates' real stages (label -> {"stages": [[first layer, end layer], ...] in order, "widths":
     each stage's output in floats per sample}): their probe has a block per stage, loaded with that stage's
-    timed seconds (``staged``, keyed as :func:`stage_seconds` keys them) and sending its real boundary's bytes.
+    timed seconds (``staged``, keyed as :func:`stage_seconds` keys them) and sending its real boundary's bytes;
+    or the real blocks' parameter counts (label -> {"parameters": [...]}): a probe of as many blocks, as large.
     Returns ({label: seconds}, {label: [blocks, seconds] of the resized probe})."""
     import torch.distributed as dist
 
@@ -575,17 +600,17 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
         batch = c.pass_batch(cfg.batch_size)
         measured = passes.get(batch)
         shape = (shapes or {}).get(c.label())
-        first = len(shape["stages"]) if shape else units
-        for size in [first] + ([resized[c.label()]] if resized and c.label() in resized else []):
+        first = len(shape.get("stages") or shape["parameters"]) if shape else units
+        for size in [first] + ([resized[c.label()]] if resized and c.label() in resized and not shape else []):
             ballast = loads.get(c.label(), 0.0) * measured[0] / batch / size if measured else 0.0
-            if shape:
+            if shape and "stages" in shape:
                 timed = [(staged or {}).get(f"{a}-{b}-{batch}") for a, b in shape["stages"]]
                 ballast = [t / batch for t in timed] if all(timed) else [ballast] * size
             mm = mm_seconds()  # now: the machine's pace moves over seconds, and the ballast must keep time
             dist.barrier()
             try:
                 seconds = _probe_one(cfg, c, size, rank, world, ballast, mm, alone, latency,
-                                     calls if size == first else None, shape["widths"] if shape else None)
+                                     calls if size == first else None, shape, measured[1] if measured else 0.0)
             except Exception:  # noqa: BLE001 - with real ranks a failure is the calibration's; alone, one candidate's
                 if latency is None:
                     raise

@@ -126,6 +126,10 @@ class ModelStats:
     tokens_per_sample: int | None = None
     #: Forward all-reduces per microbatch under tensor parallelism (0: taken as 2 per layer).
     tp_allreduce_calls: int = 0
+    #: The backward's all-reduces (the column-wise layers' input gradients), bytes per sample and calls; None:
+    #: as the forward's (a transformer block's are the same [seq, hidden]).
+    tp_backward_allreduce_bytes_per_sample: float | None = None
+    tp_backward_allreduce_calls: int | None = None
     #: Fractions of the FLOPs and of the saved activations the TP plan shards (None: tp_sharded_fraction).
     tp_sharded_flops_fraction: float | None = None
     tp_sharded_activation_fraction: float | None = None
@@ -345,12 +349,18 @@ def fsdp_buffers(inp: CostInputs, block_fraction: float = 1.0) -> float:
 
 def tensor_parallel_comm(inp: CostInputs, group: Group, samples: float) -> float:
     """Seconds of Megatron-style all-reduces of ``samples``' activations (full size, not sharded): the
-    forward's, the backward's as many again, and a recomputed forward's; on the critical path, each layer
+    forward's (the row-wise layers' outputs), a recomputed forward's, and the backward's (the column-wise
+    layers' input gradients; as many as the forward's unless counted apart); on the critical path, each layer
     waits for its sum."""
     s = inp.stats
     calls = s.tp_allreduce_calls or 2 * s.layers
-    passes = 3 if inp.candidate.activation_checkpointing else 2
-    return passes * calls * all_reduce(inp.hw, group, s.tp_allreduce_bytes_per_sample * samples / calls)
+    back_calls = calls if s.tp_backward_allreduce_calls is None else s.tp_backward_allreduce_calls
+    back_bytes = (s.tp_allreduce_bytes_per_sample if s.tp_backward_allreduce_bytes_per_sample is None
+                  else s.tp_backward_allreduce_bytes_per_sample)
+    forwards = 2 if inp.candidate.activation_checkpointing else 1
+    forward = calls * all_reduce(inp.hw, group, s.tp_allreduce_bytes_per_sample * samples / calls)
+    backward = back_calls * all_reduce(inp.hw, group, back_bytes * samples / back_calls) if back_calls else 0.0
+    return forwards * forward + backward
 
 
 def pipeline_p2p(inp: CostInputs, group: Group, microbatch: float, microbatches: int, virtual: int = 1) -> float:

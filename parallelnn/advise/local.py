@@ -128,7 +128,8 @@ class Machine:
             return {}, {}
         self.links[n] = calibrate.fitted(measured["collectives"])
         self._fixed(group, measured, units)
-        self.carried |= {label for label, shape in shapes.items() if shape["widths"] and label in measured["fixed"]}
+        self.carried |= {label for label, shape in shapes.items()
+                         if (shape.get("widths") or shape.get("parameters")) and label in measured["fixed"]}
         return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
 
     def _alone(self, n: int, group: list[Candidate], steps: dict[int, tuple[float, float]],
@@ -201,12 +202,22 @@ class Machine:
         return stage_shares(self.stats, candidate.layout.pp, VIRTUAL.get(candidate.schedule, 1))
 
     def _shapes(self, group: list[Candidate]) -> dict[str, dict]:
-        """The pipeline candidates' probes, as their real stages (:func:`.calibrate.probe_seconds`): the stages'
-        layers in order, and each stage's output in floats per sample (at least the probe's width; None when the
-        layers' outputs are not known)."""
+        """Probes shaped as the real model (:func:`.calibrate.probe_seconds`). A pipeline's as its real stages:
+        the stages' layers in order, and each stage's output in floats per sample (at least the probe's width;
+        None when the layers' outputs are not known). A strategy that moves parameters
+        (``probe_real_parameters``): the real blocks' parameter counts, the root's own added to the first (the
+        root gathers before the first block does)."""
+        from parallelnn import parallel
+        from parallelnn.parallel.engine import blocks_of
+
         shapes = {}
         for c in group:
             ranks = self._pipeline_ranks(c)
+            if parallel.get(c.strategy).cost.probe_real_parameters and c.layout.world_size == c.layout.dp:
+                counts = [sum(p.numel() for p in b.parameters()) for b in blocks_of(self.workload.model, self.workload)]
+                if len(counts) >= 2:
+                    counts[0] += max(0, self.stats.parameters - sum(counts))
+                    shapes[c.label()] = {"parameters": counts}
             if not ranks:
                 continue
             stages = sorted(s for r in ranks for s in r["stages"])
@@ -254,9 +265,10 @@ class Machine:
         from parallelnn import parallel
 
         resized = {}
+        sized = self._shapes(group)
         for c in group:
             grows = parallel.get(c.strategy).cost.fixed_units
-            if grows is None:
+            if grows is None or "parameters" in sized.get(c.label(), {}):  # a probe of the real size: no carrying
                 continue
             want, first = grows(self.stats), self._probe_counts(c.strategy, units)
             sizes = [u for u in range(2, 4 * units + 1) if u != units]
@@ -272,11 +284,12 @@ class Machine:
         from parallelnn import parallel
 
         again = measured.get("fixed_resized", {})
+        sized = self._shapes(group)
         for c in group:
             if c.label() not in measured["fixed"]:
                 continue
             seconds, grows = measured["fixed"][c.label()], parallel.get(c.strategy).cost.fixed_units
-            if grows is None:
+            if grows is None or "parameters" in sized.get(c.label(), {}):
                 self.fixed[c.label()] = seconds
                 continue
             points = [(self._probe_counts(c.strategy, units), seconds)]
@@ -298,7 +311,8 @@ class Machine:
         link = link_for(n, fitted, latency=latency)
         kinds = {k: link_for(n, fitted, k, latency) for k in calibrate.KINDS} if fitted else None
         if kinds and candidate.label() in self.carried:  # its probe's fixed cost holds the transfers, as they ran
-            kinds["send_recv"] = Link(bandwidth=1e18, latency=0.0)
+            link = Link(bandwidth=1e18, latency=0.0)
+            kinds = {k: link for k in kinds}
         rate = self.stage_rates.get(candidate.label(), self.rates[key])
         if self.device.type == "cuda":
             import torch

@@ -64,6 +64,25 @@ def _output_bytes(modules: list[nn.Module], run) -> list[int]:
     return sizes
 
 
+def _input_grad_bytes(modules: list[nn.Module], run) -> list[int]:
+    """Bytes of each module's first input during ``run()`` (summed over calls), where that input needs a
+    gradient: what a column-wise parallel layer all-reduces in backward (its input's gradient is a partial sum
+    on each rank)."""
+    sizes = [0] * len(modules)
+    handles = []
+    for i, m in enumerate(modules):
+        def hook(_m, inp, i=i):
+            if inp and isinstance(inp[0], torch.Tensor) and inp[0].requires_grad:
+                sizes[i] += inp[0].numel() * inp[0].element_size()
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
 def model_stats(workload, batch: int = 8) -> dict[str, Any]:
     """The figures the cost model reads (``parallelnn.advise.costs.ModelStats``'s fields), for ``workload``."""
     model = copy.deepcopy(workload.model)  # measuring leaves gradients and hooks behind: not on the run's model
@@ -128,8 +147,9 @@ def layer_figures(workload, model: nn.Module, layers: list[nn.Module], x: torch.
 
 def tensor_parallel_figures(workload, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """What a tensor-parallel plan divides: the share of the parameters, of the FLOPs and of the saved
-    activations that are in the layers it shards, and the bytes its row-wise layers all-reduce per sample in
-    a forward (the backward all-reduces as much at the column-wise layers' inputs)."""
+    activations that are in the layers it shards, the bytes its row-wise layers all-reduce per sample in a
+    forward, and those the backward all-reduces: the gradients of the column-wise layers' inputs (as large as
+    the forward's in a transformer's block; in a CNN's head, the flattened features against the logits)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from parallelnn.errors import UserError
@@ -142,6 +162,8 @@ def tensor_parallel_figures(workload, model: nn.Module, x: torch.Tensor, y: torc
     total = _params(model) or 1
     reduced_bytes = sum(_output_bytes(reduced, lambda: model(x[:1])))
     columns = [m for m in sharded if all(m is not r for r in reduced)]
+    backward = [b for b in _input_grad_bytes(columns, lambda: model(x[:1])) if b]
+    model.zero_grad(set_to_none=True)
     half = max(1, len(x) // 2)
     all_full, inside_full = saved_activation_bytes(model, workload.loss, x, y, columns, reduced)
     all_half, inside_half = saved_activation_bytes(model, workload.loss, x[:half], y[:half], columns, reduced)
@@ -157,4 +179,6 @@ def tensor_parallel_figures(workload, model: nn.Module, x: torch.Tensor, y: torc
     return {"tp_sharded_fraction": sum(_params(m) for m in sharded) / total,
             "tp_sharded_flops_fraction": in_sharded / max(counter.get_total_flops(), 1),
             "tp_sharded_activation_fraction": inside / all_saved if all_saved else 0.0,
-            "tp_allreduce_bytes_per_sample": float(reduced_bytes), "tp_allreduce_calls": len(reduced)}
+            "tp_allreduce_bytes_per_sample": float(reduced_bytes), "tp_allreduce_calls": len(reduced),
+            "tp_backward_allreduce_bytes_per_sample": float(sum(backward)),
+            "tp_backward_allreduce_calls": len(backward)}

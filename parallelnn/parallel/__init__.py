@@ -72,6 +72,10 @@ class CostModel:
     #: advise times them on probe models of two sizes and reads them at the real model's count along the line
     #: through the two (a part paid once a step, a part per unit). None: once a step, whatever the model.
     fixed_units: Callable[[Any], float] | None = None
+    #: True: what the strategy moves each step is the parameters (FSDP's gathers and reduce-scatters), so advise's
+    #: probe holds the real blocks' parameter counts and its measured fixed cost includes moving those bytes
+    #: under the real load; the links then carry none of its collectives (no byte counted twice).
+    probe_real_parameters: bool = False
 
 
 @dataclass(frozen=True)

@@ -126,4 +126,5 @@ STRATEGY = Strategy(name="fsdp", summary="FSDP2 fully_shard (ZeRO-3): parameters
                     layout=data_parallel, apply=apply, order=20,
                     options=("reshard_after_forward", "reduce_precision", "compile"),
                     cost=CostModel(candidates=lambda n, batch: [(Layout(dp=n), None, None)], step=cost,
-                                   fixed_units=lambda stats: stats.blocks + 1))  # each block and the root
+                                   fixed_units=lambda stats: stats.blocks + 1,  # each block and the root
+                                   probe_real_parameters=True))
