@@ -9,7 +9,10 @@
   bytes — its framework's hooks, the latency of every collective call in the pattern the strategy really
   issues them (a ring's ranks arriving as their compute ends, not after a barrier), a pipeline schedule's
   per-microbatch work — measured by running the candidate's own strategy, layout and schedule on a *probe*:
-  a model with the real one's number of blocks and next to nothing to compute or send.
+  a model with the real one's number of blocks and next to nothing to compute or send, under a parameter-free
+  load as heavy as the real model's. Where the bytes a strategy moves are the model's, the probe moves them
+  too: FSDP's probe holds the real blocks' parameter counts, a pipeline's has the real stages' loads and
+  boundaries (so their transfers are measured as they run on busy cores, not at an idle link's speed).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ behind compute (gloo's threads need the same cores), so ``comm_overlap`` is 0. W
 collective call's latency in the pattern the strategy issues them, a schedule's per-microbatch work — is
 each candidate's *fixed cost*, measured on a probe model (:func:`.calibrate.probe_seconds`; with
 ``concurrent=False``, in one process under a fake process group, its calls' latency added as counted); the
-links then carry bandwidth only, so no latency counts twice.
+links then carry bandwidth only, so no latency counts twice, and nothing for a candidate whose probe moved the
+real bytes between real processes (FSDP's, a pipeline's: ``carried``).
 """
 
 from __future__ import annotations
