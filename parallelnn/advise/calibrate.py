@@ -454,41 +454,26 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
                mm: float = 0.0, alone: dict | None = None, latency: dict[str, float] | None = None,
                calls: dict[str, dict[str, int]] | None = None, shape: dict | None = None,
                update: float = 0.0) -> float | None:
-    """Median step seconds of ``candidate``'s strategy on the probe, less what that step would take without
-    fixed costs (:func:`_without_fixed`, from the probe's plain step); None when the strategy refuses the
-    probe (every rank decides the same, so none waits for another). ``ballast``:
-    seconds per sample per block of compute in the probe, the real model's load on a rank of this candidate; a
-    list: per block, and then each block is a pipeline stage of its own (the probe split there), its output
-    ``shape["widths"]`` wide (see :func:`probe_workload`): a pipeline probe standing for the real stages' compute
-    and boundaries. ``shape["parameters"]``: the blocks hold the real blocks' parameter counts, and what the step
-    would take without fixed costs is its ballast and ``update`` (the real model's optimizer step) over the
-    data-parallel ranks, not a plain step timed (whose padding would count its own overhead).
-    ``alone``: plain steps already timed here, by (ballast, batch): candidates that share them time them once.
-    ``latency``: under a fake process group (one process standing for rank 0 of ``world``, its collectives
-    doing nothing), seconds a call of each kind takes; the step's calls are counted (:class:`CallCount`) and
-    their latency added to what the strategy's own code costs, and noted in ``calls`` by candidate."""
+    """Median step seconds of ``candidate``'s strategy on the probe, less what it would take without fixed
+    costs; None when the strategy refuses the probe (every rank decides the same). ``ballast``: seconds per
+    sample per block of the real model's load on a rank; a list: per block, each a pipeline stage of its own
+    with ``shape["widths"]`` outputs (the real stages; less its ballast and bubble, :func:`_without_fixed`).
+    ``shape["parameters"]``: the real blocks' sizes (less its ballast and ``update``, the real optimizer step,
+    over the data-parallel ranks: a plain step of the padded probe would count the padding's own work). Else
+    less its plain step, timed once per (ballast, batch) in ``alone``. ``latency``: under a fake process group
+    (rank 0 of ``world``, collectives doing nothing), seconds a call of each kind takes; the step's calls are
+    counted (:class:`CallCount`, noted in ``calls``) and their latency added."""
     from dataclasses import replace
 
-    from parallelnn import parallel
-    from parallelnn.advise.trials import run_options
-    from parallelnn.errors import UserError
     from parallelnn.launch import Context
     from parallelnn.trainer import StopFlag
 
-    ccfg = replace(cfg, **run_options(candidate))
-    staged = isinstance(ballast, list)
     shape = shape or {}
-    widths, sized = shape.get("widths"), shape.get("parameters")
-    workload = probe_workload(units, ccfg, 0.0 if staged else ballast, mm, ballasts=ballast if staged else None,
-                              widths=widths, parameters=sized)
-    # One stage a block when the blocks stand for the real stages; else split as the strategy splits the probe
-    # (not at the real model's --split, whose indices are its layers').
-    ccfg = replace(ccfg, split=",".join(map(str, block_starts(workload))) if staged else None)
-    try:
-        strategy, layout = parallel.resolve(ccfg, world)
-        strategy.check(ccfg, workload, layout)
-    except UserError:
+    staged, widths, sized = isinstance(ballast, list), shape.get("widths"), shape.get("parameters")
+    built = _probe_built(cfg, candidate, units, world, ballast, mm, shape)
+    if built is None:
         return None
+    ccfg, workload, strategy, layout = built
     ctx = Context(device=torch.device("cpu"), rank=rank, world_size=world, local_rank=rank, local_world_size=world,
                   distributed=True)
     per_rank = ccfg.batch_size // layout.dp
@@ -526,6 +511,30 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
             alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
         without = alone[key]
     return max(0.0, statistics.median(times) - without) + waiting
+
+
+def _probe_built(cfg, candidate, units: int, world: int, ballast: float | list[float], mm: float, shape: dict):
+    """(its config, the probe, its strategy, its layout) for :func:`_probe_one`, or None when the strategy
+    refuses the probe."""
+    from dataclasses import replace
+
+    from parallelnn import parallel
+    from parallelnn.advise.trials import run_options
+    from parallelnn.errors import UserError
+
+    ccfg = replace(cfg, **run_options(candidate))
+    staged = isinstance(ballast, list)
+    workload = probe_workload(units, ccfg, 0.0 if staged else ballast, mm, ballasts=ballast if staged else None,
+                              widths=shape.get("widths"), parameters=shape.get("parameters"))
+    # One stage a block when the blocks stand for the real stages; else split as the strategy splits the probe
+    # (not at the real model's --split, whose indices are its layers').
+    ccfg = replace(ccfg, split=",".join(map(str, block_starts(workload))) if staged else None)
+    try:
+        strategy, layout = parallel.resolve(ccfg, world)
+        strategy.check(ccfg, workload, layout)
+    except UserError:
+        return None
+    return ccfg, workload, strategy, layout
 
 
 def _plain_passes(cfg, layout, per_rank: int) -> int:
