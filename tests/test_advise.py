@@ -201,9 +201,11 @@ def test_a_fixed_cost_is_carried_to_the_models_size_along_the_line_through_two_p
 
 
 def test_a_second_probe_size_is_chosen_where_the_models_count_differs_from_the_probes():
-    """Iris' MLP has two blocks and one Linear pair: a probe of 4 blocks counts 2 row-wise all-reduces, so tensor
-    parallelism is timed again at 2 blocks, whose count is the model's; DDP's fixed cost does not grow with the
-    model and is timed once; FSDP's probe has the real blocks, as large (timed once, taken as measured)."""
+    """A probe of 16-wide blocks (what a strategy gets when its probe cannot take the real model's shape) for
+    Iris' MLP, two blocks and one Linear pair: one of 4 blocks counts 5 FSDP units (blocks and the root) and 2
+    row-wise all-reduces, so both strategies are timed again at 2 blocks, whose counts are the model's; DDP's
+    fixed cost does not grow with the model and is timed once. Shaped as the real model (FSDP's blocks as large,
+    tensor parallelism's pair as wide), a probe is timed once and its fixed cost taken as measured."""
     from parallelnn.advise.costs import Candidate, ModelStats
     from parallelnn.advise.local import Machine
     from parallelnn.parallel import Layout
@@ -211,13 +213,37 @@ def test_a_second_probe_size_is_chosen_where_the_models_count_differs_from_the_p
     cfg, workload = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
     machine = Machine(workload, cfg, ModelStats(**model_stats(workload)))
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
-    assert machine._resized(group, 4) == {"tensor tp2": 2}
+    measured = {"fixed": {"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3},
+                "fixed_resized": {"fsdp dp2": [2, 7e-3], "tensor tp2": [2, 4e-3]}}
+    shaped = machine._shapes
+    assert shaped(group) == {"fsdp dp2": {"parameters": [250, 153]}, "tensor tp2": {"pairs": [[4, 3]]}}
+    assert machine._resized(group, 4) == {}
+    machine._fixed(group, measured, 4)
+    assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3})
+    machine._shapes = lambda group: {}  # 16-wide probes
+    assert machine._resized(group, 4) == {"fsdp dp2": 2, "tensor tp2": 2}
     assert machine._probe_counts("fsdp", 2) == 3 and machine._probe_counts("tensor", 2) == 1
     assert machine._resized(group, 2) == {}  # the probe's counts are the model's already
-    measured = {"fixed": {"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3},
-                "fixed_resized": {"tensor tp2": [2, 4e-3]}}
     machine._fixed(group, measured, 4)
-    assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 4e-3})
+    assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 7e-3, "tensor tp2": 4e-3})
+
+
+def test_a_tensor_parallel_probe_all_reduces_the_real_pairs_bytes():
+    """MNIST's plan shards fc1 (3,136 inputs) column-wise and fc2 (64 outputs) row-wise: its probe's pair reads
+    3,136 features and writes 64, with 16 between, and the generic plan shards it the same way."""
+    from parallelnn.parallel.tensor import NamedPlan, linear_pairs, plan_of, sequential_pairs
+
+    cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
+    assert linear_pairs(workload, workload.model) == [[3136, 64]]
+    probe = calibrate.probe_workload(2, cfg, mm=1e-5, ballast=1e-6, pairs=[[3136, 64], [8, 10]])
+    plan, replicated = sequential_pairs(probe.model)
+    linears = [m for m in probe.model if isinstance(m, torch.nn.Linear)]
+    assert list(plan.values()) == ["colwise", "rowwise"] * 2 and not replicated
+    assert [(m.in_features, m.out_features) for m in linears] == [(3136, 16), (16, 64), (16, 16), (16, 10)]
+    assert probe.model(probe.train.inputs[:3]).shape == (3, 16)
+    # A plan of two column-wise layers into one row-wise (as q, k, v into o) is no chain of pairs: no such probe.
+    workload.tensor_plan = {"7": "colwise", "9": "colwise", "11": "rowwise"}
+    assert isinstance(plan_of(workload), NamedPlan) and linear_pairs(workload, workload.model) is None
 
 
 def test_model_statistics_of_the_mnist_cnn():

@@ -371,13 +371,16 @@ class Padded(torch.nn.Module):
 
 def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, samples: int | None = None,
                    ballasts: list[float] | None = None, widths: list[int] | None = None,
-                   parameters: list[int] | None = None):
+                   parameters: list[int] | None = None, pairs: list[list[int]] | None = None):
     """A model with ``units`` blocks (Linear layers of width 16, ReLU between) and nothing else to speak of:
     what a strategy costs on it is what it costs besides FLOPs and bytes. ``ballast``: seconds per sample of
     parameter-free compute in each block (see :class:`Ballast`); ``ballasts``: per block instead. ``widths``:
     features of each block's output but the last (a block wider than 16 pads its output, :class:`Widen`, and
-    the next reads the first 16). ``parameters``: each block's parameter count (:class:`Padded`). ``samples``: in
-    its training split (default: one batch)."""
+    the next reads the first 16). ``parameters``: each block's parameter count (:class:`Padded`). ``pairs``:
+    instead, one block per [input width, output width] of a tensor-parallel Linear pair: the input padded to
+    its width into a Linear to 16, a Linear from 16 to the output's width, read back at 16 (so a column-wise
+    and row-wise pair all-reduces the real pair's bytes: its output forward, its input's gradient backward,
+    at next to no compute). ``samples``: in its training split (default: one batch)."""
     from torch import nn
 
     from parallelnn.workload import Workload, complete
@@ -385,7 +388,12 @@ def probe_workload(units: int, cfg, ballast: float = 0.0, mm: float = 0.0, sampl
     ballasts = ballasts or [ballast] * units
     widths = widths or [PROBE_WIDTH] * (units - 1)
     layers: list[nn.Module] = []
-    for k in range(units):
+    for k, (inputs, outputs) in enumerate(pairs or []):
+        layers += [Ballast(ballasts[k], mm)] if ballasts[k] else []
+        layers += [Widen(inputs)] if inputs > PROBE_WIDTH else []
+        layers += [nn.Linear(max(inputs, PROBE_WIDTH), PROBE_WIDTH), nn.ReLU(), nn.Linear(PROBE_WIDTH, outputs)]
+        layers += [Narrow() if outputs > PROBE_WIDTH else Widen(PROBE_WIDTH)] if outputs != PROBE_WIDTH else []
+    for k in range(0 if pairs else units):
         layers += [Narrow()] if k and widths[k - 1] > PROBE_WIDTH else []
         # Ballast first: a block's output is then its Linear's (FSDP warns of a module returning a view).
         linear = nn.Linear(PROBE_WIDTH, PROBE_WIDTH)
@@ -469,7 +477,7 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     from parallelnn.trainer import StopFlag
 
     shape = shape or {}
-    staged, widths, sized = isinstance(ballast, list), shape.get("widths"), shape.get("parameters")
+    staged, sized = isinstance(ballast, list), shape.get("parameters")
     built = _probe_built(cfg, candidate, units, world, ballast, mm, shape)
     if built is None:
         return None
@@ -479,7 +487,8 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     per_rank = ccfg.batch_size // layout.dp
     passes = _plain_passes(ccfg, layout, per_rank)
     loaded = _rank_ballast(ccfg, workload, layout) or sized  # its own ballast says what it would take
-    key = (tuple(round(b, 12) for b in (ballast if staged else [ballast])), tuple(widths or ()), per_rank, passes)
+    key = (tuple(round(b, 12) for b in (ballast if staged else [ballast])), json.dumps(shape, sort_keys=True),
+           per_rank, passes)
     alone = {} if alone is None else alone
     # The plain step's model, copied before the strategy changes the probe in place (FSDP shards it, tensor
     # parallelism makes its weights DTensors): a copy taken after would step with the strategy's collectives,
@@ -525,7 +534,8 @@ def _probe_built(cfg, candidate, units: int, world: int, ballast: float | list[f
     ccfg = replace(cfg, **run_options(candidate))
     staged = isinstance(ballast, list)
     workload = probe_workload(units, ccfg, 0.0 if staged else ballast, mm, ballasts=ballast if staged else None,
-                              widths=shape.get("widths"), parameters=shape.get("parameters"))
+                              widths=shape.get("widths"), parameters=shape.get("parameters"),
+                              pairs=shape.get("pairs"))
     # One stage a block when the blocks stand for the real stages; else split as the strategy splits the probe
     # (not at the real model's --split, whose indices are its layers').
     ccfg = replace(ccfg, split=",".join(map(str, block_starts(workload))) if staged else None)
@@ -601,7 +611,9 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
     pipeline candidates' real stages (label -> {"stages": [[first layer, end layer], ...] in order, "widths":
     each stage's output in floats per sample}): their probe has a block per stage, loaded with that stage's
     timed seconds (``staged``, keyed as :func:`stage_seconds` keys them) and sending its real boundary's bytes;
-    or the real blocks' parameter counts (label -> {"parameters": [...]}): a probe of as many blocks, as large.
+    or the real blocks' parameter counts (label -> {"parameters": [...]}): a probe of as many blocks, as large;
+    or a tensor-parallel plan's Linear pairs (label -> {"pairs": [[input width, output width], ...]}): a probe of
+    as many pairs, all-reducing as many bytes.
     Returns ({label: seconds}, {label: [blocks, seconds] of the resized probe})."""
     import torch.distributed as dist
 
@@ -612,7 +624,7 @@ def probe_seconds(cfg, candidates, units: int, rank: int, world: int, loads: dic
         batch = c.pass_batch(cfg.batch_size)
         measured = passes.get(batch)
         shape = (shapes or {}).get(c.label())
-        first = len(shape.get("stages") or shape["parameters"]) if shape else units
+        first = len(shape.get("stages") or shape.get("parameters") or shape["pairs"]) if shape else units
         for size in [first] + ([resized[c.label()]] if resized and c.label() in resized and not shape else []):
             ballast = loads.get(c.label(), 0.0) * measured[0] / batch / size if measured else 0.0
             if shape and "stages" in shape:

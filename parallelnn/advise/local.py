@@ -130,7 +130,7 @@ class Machine:
         self.links[n] = calibrate.fitted(measured["collectives"])
         self._fixed(group, measured, units)
         self.carried |= {label for label, shape in shapes.items()
-                         if (shape.get("widths") or shape.get("parameters")) and label in measured["fixed"]}
+                         if (shape.get("widths") or full_size(shape)) and label in measured["fixed"]}
         return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
 
     def _alone(self, n: int, group: list[Candidate], steps: dict[int, tuple[float, float]],
@@ -207,9 +207,11 @@ class Machine:
         the stages' layers in order, and each stage's output in floats per sample (at least the probe's width;
         None when the layers' outputs are not known). A strategy that moves parameters
         (``probe_real_parameters``): the real blocks' parameter counts, the root's own added to the first (the
-        root gathers before the first block does)."""
+        root gathers before the first block does). One whose bytes are activations at Linear pairs
+        (``probe_real_activations``): the pairs' input and output widths."""
         from parallelnn import parallel
         from parallelnn.parallel.engine import blocks_of
+        from parallelnn.parallel.tensor import linear_pairs
 
         shapes = {}
         for c in group:
@@ -219,6 +221,10 @@ class Machine:
                 if len(counts) >= 2:
                     counts[0] += max(0, self.stats.parameters - sum(counts))
                     shapes[c.label()] = {"parameters": counts}
+            if parallel.get(c.strategy).cost.probe_real_activations and c.layout.world_size == c.layout.tp:
+                pairs = linear_pairs(self.workload, self.workload.model)
+                if pairs:
+                    shapes[c.label()] = {"pairs": pairs}
             if not ranks:
                 continue
             stages = sorted(s for r in ranks for s in r["stages"])
@@ -269,7 +275,7 @@ class Machine:
         sized = self._shapes(group)
         for c in group:
             grows = parallel.get(c.strategy).cost.fixed_units
-            if grows is None or "parameters" in sized.get(c.label(), {}):  # a probe of the real size: no carrying
+            if grows is None or full_size(sized.get(c.label())):  # a probe of the real size: no carrying
                 continue
             want, first = grows(self.stats), self._probe_counts(c.strategy, units)
             sizes = [u for u in range(2, 4 * units + 1) if u != units]
@@ -290,7 +296,7 @@ class Machine:
             if c.label() not in measured["fixed"]:
                 continue
             seconds, grows = measured["fixed"][c.label()], parallel.get(c.strategy).cost.fixed_units
-            if grows is None or "parameters" in sized.get(c.label(), {}):
+            if grows is None or full_size(sized.get(c.label())):
                 self.fixed[c.label()] = seconds
                 continue
             points = [(self._probe_counts(c.strategy, units), seconds)]
@@ -339,6 +345,12 @@ class Machine:
         return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
                             fixed_seconds=self.fixed.get(candidate.label(), 0.0) + (self.loop or 0.0),
                             extra_memory=extra)
+
+
+def full_size(shape: dict | None) -> bool:
+    """Whether a probe of this shape has the real model's count of what its strategy's fixed cost grows with
+    (FSDP's blocks, tensor parallelism's pairs): its fixed cost is then taken as measured."""
+    return bool(shape) and ("parameters" in shape or "pairs" in shape)
 
 
 def per_unit_line(points: list[tuple[float, float]], count: float) -> float:

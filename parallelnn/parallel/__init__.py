@@ -76,6 +76,10 @@ class CostModel:
     #: probe holds the real blocks' parameter counts and its measured fixed cost includes moving those bytes
     #: under the real load; the links then carry none of its collectives (no byte counted twice).
     probe_real_parameters: bool = False
+    #: True: what it moves each step is activations at its sharded Linear pairs (tensor parallelism's all-reduces):
+    #: advise's probe has the plan's pairs with their real input and output widths (next to no compute between),
+    #: so its fixed cost includes those all-reduces as they run under load; the links then carry none of them.
+    probe_real_activations: bool = False
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,22 @@ class NamedPlan:
                 "replicated": [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in sharded]}
 
 
+def linear_pairs(workload, model: nn.Module) -> list[list[int]] | None:
+    """[input features, output features] of each column-wise + row-wise Linear pair the plan shards, in order;
+    None when the plan is not such pairs one after another (or cannot apply)."""
+    try:
+        sharded, reduced = plan_of(workload).layers(model)
+    except (UserError, AttributeError, NotImplementedError):
+        return None
+    rows = {id(m) for m in reduced}
+    if not sharded or len(sharded) % 2 or not all(isinstance(m, nn.Linear) for m in sharded):
+        return None
+    pairs = list(zip(sharded[::2], sharded[1::2]))
+    if any(id(col) in rows or id(row) not in rows for col, row in pairs):
+        return None
+    return [[col.in_features, row.out_features] for col, row in pairs]
+
+
 def plan_of(workload):
     """The workload's own plan (a TensorPlan, or a dict of styles), else the generic Linear-pair plan."""
     plan = workload.tensor_plan
@@ -144,4 +160,5 @@ STRATEGY = Strategy(name="tensor", summary="DTensor tensor parallelism: Linear p
                     layout=lambda cfg, world_size: Layout(tp=world_size), apply=apply, check=check,
                     min_nproc=2, order=40,
                     cost=CostModel(candidates=lambda n, batch: [(Layout(tp=n), None, None)], step=cost,
-                                   fixed_units=lambda stats: stats.tp_allreduce_calls or 2 * stats.layers))
+                                   fixed_units=lambda stats: stats.tp_allreduce_calls or 2 * stats.layers,
+                                   probe_real_activations=True))
