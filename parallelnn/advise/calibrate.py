@@ -512,8 +512,13 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     stop.drain()
     if sized:
         without = ballast * per_rank * units + update / layout.dp
-    elif loaded:
-        without = _without_fixed(ccfg, workload, layout)
+    elif loaded:  # plus each rank's share of the probe's own layers' work (the real stages' is in their load)
+        own = ("own",) + key[1:]
+        if own not in alone:
+            bare = probe_workload(units, ccfg, 0.0, mm, ballasts=[0.0] * units, widths=shape.get("widths"))
+            plain = Engine(bare.model, bare, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
+            alone[own] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
+        without = _without_fixed(ccfg, workload, layout) + alone[own] / layout.pp
     else:
         if key not in alone:
             plain = Engine(pristine, workload, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
@@ -586,8 +591,8 @@ def _without_fixed(cfg, workload, layout) -> float:
     """What a pipeline probe's step would take with no fixed cost, as the cost model puts it: its busiest rank's
     ballast over the per-rank batch (the real stages' timed compute, :func:`probe_seconds`) and the schedule's
     bubble (:func:`pipeline.bubble`), the ranks' shares of the work being their ballast's. The rest of its step
-    (the schedule's own work, the boundaries' transfers) is the fixed cost. (Other probes subtract their plain
-    step, timed.)"""
+    (the schedule's own work, the boundaries' transfers) is the fixed cost, less each rank's share of the probe's
+    own layers' work, timed apart (:func:`_probe_one`). (Other probes subtract their plain step, timed.)"""
     from parallelnn.parallel import pipeline
 
     shares = _rank_ballast(cfg, workload, layout)
