@@ -463,14 +463,12 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
                calls: dict[str, dict[str, int]] | None = None, shape: dict | None = None,
                update: float = 0.0) -> float | None:
     """Median step seconds of ``candidate``'s strategy on the probe, less what it would take without fixed
-    costs; None when the strategy refuses the probe (every rank decides the same). ``ballast``: seconds per
-    sample per block of the real model's load on a rank; a list: per block, each a pipeline stage of its own
-    with ``shape["widths"]`` outputs (the real stages; less its ballast and bubble, :func:`_without_fixed`).
-    ``shape["parameters"]``: the real blocks' sizes (less its ballast and ``update``, the real optimizer step,
-    over the data-parallel ranks: a plain step of the padded probe would count the padding's own work). Else
-    less its plain step, timed once per (ballast, batch) in ``alone``. ``latency``: under a fake process group
-    (rank 0 of ``world``, collectives doing nothing), seconds a call of each kind takes; the step's calls are
-    counted (:class:`CallCount`, noted in ``calls``) and their latency added."""
+    costs; None when the strategy refuses it. ``ballast``: seconds per sample per block of a rank's real load;
+    a list: per block, each a pipeline stage with ``shape["widths"]`` outputs (less its load, bubble and own
+    work). ``shape["parameters"]``: the real blocks' sizes (less its load and ``update``, the real optimizer
+    step, over the data-parallel ranks). Else less its plain step, timed once per key in ``alone``.
+    ``latency``: under a fake process group (rank 0 of ``world``), seconds a call of each kind takes; the
+    step's calls are counted (:class:`CallCount`, noted in ``calls``) and their latency added."""
     from dataclasses import replace
 
     from parallelnn.launch import Context
@@ -513,18 +511,27 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
     if sized:
         without = ballast * per_rank * units + update / layout.dp
     elif loaded:  # plus each rank's share of the probe's own layers' work (the real stages' is in their load)
-        own = ("own",) + key[1:]
-        if own not in alone:
-            bare = probe_workload(units, ccfg, 0.0, mm, ballasts=[0.0] * units, widths=shape.get("widths"))
-            plain = Engine(bare.model, bare, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
-            alone[own] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
-        without = _without_fixed(ccfg, workload, layout) + alone[own] / layout.pp
+        own = _own_work(ccfg, units, shape, passes, x, y, alone)
+        without = _without_fixed(ccfg, workload, layout) + own / layout.pp
     else:
         if key not in alone:
             plain = Engine(pristine, workload, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
             alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
         without = alone[key]
     return max(0.0, statistics.median(times) - without) + waiting
+
+
+def _own_work(cfg, units: int, shape: dict, passes: int, x, y, alone: dict) -> float:
+    """Seconds of a plain step (``passes`` passes) of a pipeline probe of this shape with no load: its own
+    layers' work, not the real model's; timed once per shape in ``alone``."""
+    from dataclasses import replace
+
+    key = ("own", units, json.dumps(shape, sort_keys=True), len(x), passes)
+    if key not in alone:
+        bare = probe_workload(units, cfg, ballasts=[0.0] * units, widths=shape.get("widths"))
+        plain = Engine(bare.model, bare, replace(cfg, grad_accum=passes), torch.device("cpu"), total_steps=MOST_STEPS)
+        alone[key] = timed_steps(lambda: plain.train_step(x, y, 1.0 / len(x)))
+    return alone[key]
 
 
 def _probe_built(cfg, candidate, units: int, world: int, ballast: float | list[float], mm: float, shape: dict):
@@ -741,8 +748,10 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
         workload = workloads.build(cfg.workload, cfg, torch.device("cpu"), log=lambda m: None)
         steps = _time_steps(workload, cfg, batches, stages)
     results = _time_collectives(rank, world, device)
-    fixed, again = (probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"], resized=resized,
-                                  shapes=shapes, staged=steps["stages"]) if cfg is not None and candidates else ({}, {}))
+    fixed, again = ({}, {})
+    if cfg is not None and candidates:
+        fixed, again = probe_seconds(cfg, candidates, units, rank, world, loads, steps["steps"], resized=resized,
+                                     shapes=shapes, staged=steps["stages"])
     if cfg is not None and batches:  # timed once more, the collectives and probes later: the faster of the two
         steps = fastest(steps, _time_steps(workload, cfg, batches, stages))
     if rank == 0:
