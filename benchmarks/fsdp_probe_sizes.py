@@ -1,6 +1,6 @@
 """What FSDP costs a step beyond the plain step, on the MNIST CNN and on two probes with its block count and
 ballast matching its compute: advise's 16-wide probe, and one whose blocks carry the real blocks' parameter
-counts (``calibrate.Padded``: a padding parameter each, whose gradient is zeros; what advise's FSDP probe is
+counts (``advise.probe.Padded``: a padding parameter each, whose gradient is zeros; what advise's FSDP probe is
 now). Two ranks bound to their cores, gloo, batch 64.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/fsdp_probe_sizes.py
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelnn.advise import calibrate
+from parallelnn.advise import probe as probes
 from parallelnn.config import RunConfig
 from parallelnn.launch import Context, bind_cores, set_threads
 from parallelnn.parallel import Layout, fsdp
@@ -99,19 +100,19 @@ def main() -> None:
 
     counts = [sum(p.numel() for p in b.parameters()) for b in blocks_of(real.model, real)]
     ballast = overhead(real, "MNIST CNN") / 32 / len(counts)  # the real plain step, per sample per block
-    mm = calibrate.mm_seconds()
+    mm = probes.mm_seconds()
     op = stream_seconds()
     for label, padded, streaming in (("probe, 16 wide", False, False), ("probe, real block sizes", True, False),
                                      ("real sizes, streaming", True, True)):
-        probe = calibrate.probe_workload(len(counts), cfg, ballast, mm, samples=64)
+        probe = probes.probe_workload(len(counts), cfg, ballast, mm, samples=64)
         if streaming:
             for j, layer in enumerate(probe.model):
-                if isinstance(layer, calibrate.Ballast):
+                if isinstance(layer, probes.Ballast):
                     probe.model[j] = StreamBallast(ballast, op)
         if padded:
             linears = [j for j, layer in enumerate(probe.model) if isinstance(layer, nn.Linear)]
             for j, n in zip(linears, counts):
-                probe.model[j] = calibrate.Padded(probe.model[j], n)
+                probe.model[j] = probes.Padded(probe.model[j], n)
         overhead(probe, label)
     dist.destroy_process_group()
 

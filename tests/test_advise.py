@@ -13,6 +13,7 @@ import torch
 
 from conftest import cli, main
 from parallelnn.advise import calibrate
+from parallelnn.advise import probe as probes
 from parallelnn.advise.stats import model_stats
 from parallelnn.config import RunConfig
 from parallelnn.runner import build_workload
@@ -60,7 +61,7 @@ def test_ballast_is_compute_without_effect(monkeypatch):
     calls = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(1) or real_mm(a, b))
-    layer = calibrate.Ballast(seconds_per_sample=1e-3, mm_seconds=1e-4)  # 10 products per sample
+    layer = probes.Ballast(seconds_per_sample=1e-3, mm_seconds=1e-4)  # 10 products per sample
     x = torch.randn(3, 4, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, x) and len(calls) == 10
@@ -82,18 +83,18 @@ def test_a_pipeline_probe_subtracts_its_stages_compute_and_bubble():
 
     cfg = replace(RunConfig(workload="iris", quiet=True, batch_size=16), strategy="pipeline", schedule="1f1b",
                   microbatches=4)
-    loaded = calibrate.probe_workload(4, cfg, ballast=1e-5, mm=1e-5)
-    assert calibrate._without_fixed(cfg, loaded, Layout(pp=2)) == pytest.approx(2e-5 * 16 * (1 + 1 / 4))
-    assert calibrate._rank_ballast(cfg, calibrate.probe_workload(4, cfg), Layout(pp=2)) is None
-    assert calibrate._rank_ballast(cfg, loaded, Layout(dp=2)) is None
+    loaded = probes.probe_workload(4, cfg, ballast=1e-5, mm=1e-5)
+    assert probes._without_fixed(cfg, loaded, Layout(pp=2)) == pytest.approx(2e-5 * 16 * (1 + 1 / 4))
+    assert probes._rank_ballast(cfg, probes.probe_workload(4, cfg), Layout(pp=2)) is None
+    assert probes._rank_ballast(cfg, loaded, Layout(dp=2)) is None
     # Three blocks on two stages: the busiest holds two, and the light one's microbatch is the bubble.
-    odd = calibrate.probe_workload(3, cfg, ballast=1e-5, mm=1e-5)
-    assert calibrate._without_fixed(cfg, odd, Layout(pp=2)) == pytest.approx(3.2e-4 + 3.2e-4 / 4 * 0.5)
+    odd = probes.probe_workload(3, cfg, ballast=1e-5, mm=1e-5)
+    assert probes._without_fixed(cfg, odd, Layout(pp=2)) == pytest.approx(3.2e-4 + 3.2e-4 / 4 * 0.5)
     # The plain step it is measured against makes the pipeline's passes, a microbatch each (the stages' compute
     # is timed per microbatch: what each pass costs is compute, not the schedule's).
-    assert calibrate._plain_passes(cfg, Layout(pp=2), 16) == 4 and calibrate._plain_passes(cfg, Layout(dp=2), 8) == 1
+    assert probes._plain_passes(cfg, Layout(pp=2), 16) == 4 and probes._plain_passes(cfg, Layout(dp=2), 8) == 1
     interleaved = replace(cfg, schedule="interleaved-1f1b", microbatches=None)
-    assert calibrate._plain_passes(interleaved, Layout(pp=2), 16) == 8  # 2 x 4 stages by default
+    assert probes._plain_passes(interleaved, Layout(pp=2), 16) == 8  # 2 x 4 stages by default
 
 
 def test_a_pipeline_probe_stands_for_the_real_stages():
@@ -105,8 +106,8 @@ def test_a_pipeline_probe_stands_for_the_real_stages():
 
     cfg = replace(RunConfig(workload="iris", quiet=True, batch_size=16), strategy="pipeline", schedule="1f1b",
                   microbatches=4)
-    probe = calibrate.probe_workload(3, cfg, mm=1e-5, ballasts=[3e-5, 0.0, 1e-5], widths=[100, 16])
-    starts = calibrate.block_starts(probe)
+    probe = probes.probe_workload(3, cfg, mm=1e-5, ballasts=[3e-5, 0.0, 1e-5], widths=[100, 16])
+    starts = probes.block_starts(probe)
     split = replace(cfg, split=",".join(map(str, starts)))
     bounds = pipeline.stage_bounds(split, probe, 3)
     layers = probe.layers(probe.model)
@@ -116,10 +117,10 @@ def test_a_pipeline_probe_stands_for_the_real_stages():
     assert stage[0](x).shape == (5, 100)  # the first stage sends 100 floats a sample
     assert stage[1](torch.zeros(5, 100)).shape == (5, 16)
     assert probe.model(x).shape == (5, 16)
-    four = calibrate.probe_workload(4, cfg, mm=1e-5, ballasts=[3e-5, 1e-5, 2e-5, 1e-5])
-    interleaved = replace(cfg, schedule="interleaved-1f1b", split=",".join(map(str, calibrate.block_starts(four))))
-    assert calibrate._rank_ballast(interleaved, four, Layout(pp=2)) == pytest.approx([5e-5, 2e-5])  # 0+2, 1+3
-    assert calibrate._rank_ballast(split, probe, Layout(pp=3)) == pytest.approx([3e-5, 0.0, 1e-5])
+    four = probes.probe_workload(4, cfg, mm=1e-5, ballasts=[3e-5, 1e-5, 2e-5, 1e-5])
+    interleaved = replace(cfg, schedule="interleaved-1f1b", split=",".join(map(str, probes.block_starts(four))))
+    assert probes._rank_ballast(interleaved, four, Layout(pp=2)) == pytest.approx([5e-5, 2e-5])  # 0+2, 1+3
+    assert probes._rank_ballast(split, probe, Layout(pp=3)) == pytest.approx([3e-5, 0.0, 1e-5])
 
 
 def test_trials_measure_a_second_of_steps_at_least_twelve():
@@ -152,7 +153,7 @@ def test_fixed_costs_are_measured_on_a_probe_of_the_candidates_layout():
 
     cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
-    assert calibrate.probe_units(3, group) == 3
+    assert probes.probe_units(3, group) == 3
     # A pipeline's probe stands for its real stages (iris' two Linear layers, 50 features between them).
     pipe = Candidate("pipeline", Layout(pp=2), microbatches=2, schedule="1f1b")
     shapes = {pipe.label(): {"stages": [[0, 2], [2, 3]], "widths": [50]}}
@@ -235,7 +236,7 @@ def test_a_tensor_parallel_probe_all_reduces_the_real_pairs_bytes():
 
     cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True), torch.device("cpu"), lambda m: None)
     assert linear_pairs(workload, workload.model) == [[3136, 64]]
-    probe = calibrate.probe_workload(2, cfg, mm=1e-5, ballast=1e-6, pairs=[[3136, 64], [8, 10]])
+    probe = probes.probe_workload(2, cfg, mm=1e-5, ballast=1e-6, pairs=[[3136, 64], [8, 10]])
     plan, replicated = sequential_pairs(probe.model)
     linears = [m for m in probe.model if isinstance(m, torch.nn.Linear)]
     assert list(plan.values()) == ["colwise", "rowwise"] * 2 and not replicated
@@ -275,7 +276,7 @@ def test_a_probe_for_fsdp_holds_the_real_blocks_parameters():
     machine = Machine(workload, cfg, ModelStats(**model_stats(workload)))
     shapes = machine._shapes([Candidate("fsdp", Layout(dp=2)), Candidate("ddp", Layout(dp=2))])
     assert shapes == {"fsdp dp2": {"parameters": [4 * 50 + 50, 50 * 3 + 3]}}
-    probe = calibrate.probe_workload(3, cfg, parameters=[1000, 300, 5000])
+    probe = probes.probe_workload(3, cfg, parameters=[1000, 300, 5000])
     assert [sum(p.numel() for p in b.parameters()) for b in blocks_of(probe.model, probe)] == [1000, 300, 5000]
     x = probe.train.inputs[:4]
     probe.model(x).sum().backward()  # the padding's gradient exists (zeros), so FSDP reduce-scatters it

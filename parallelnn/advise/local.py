@@ -7,7 +7,7 @@ memory is the N-th part of RAM; its links are gloo over loopback, fitted per col
 processes (with ``concurrent=False``, N gloo ranks that are threads of one process); collectives do not hide
 behind compute (gloo's threads need the same cores), so ``comm_overlap`` is 0. What a step costs besides computing and moving bytes — the strategy's hooks, each
 collective call's latency in the pattern the strategy issues them, a schedule's per-microbatch work — is
-each candidate's *fixed cost*, measured on a probe model (:func:`.calibrate.probe_seconds`; with
+each candidate's *fixed cost*, measured on a probe model (:func:`.probe.probe_seconds`; with
 ``concurrent=False``, in one process under a fake process group, its calls' latency added as counted); the
 links then carry bandwidth only, so no latency counts twice, and nothing for a candidate whose probe moved the
 real bytes between real processes (FSDP's, a pipeline's: ``carried``).
@@ -21,7 +21,7 @@ import statistics
 from dataclasses import replace
 from typing import Any
 
-from parallelnn.advise import calibrate
+from parallelnn.advise import calibrate, probe
 from parallelnn.advise.costs import Candidate, ModelStats, Prediction, predict_step
 from parallelnn.advise.hardware import Hardware, Link
 
@@ -117,7 +117,7 @@ class Machine:
         ({}, {}) and a note in ``problems`` if that fails (then one process measures, as with ``concurrent=False``:
         the advice goes on)."""
         by_name = not self.cfg.workload.startswith("python:")  # else: one process at a time, in calibrate
-        units = calibrate.probe_units(self.stats.blocks, group)
+        units = probe.probe_units(self.stats.blocks, group)
         shapes = self._shapes(group)
         try:
             measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
@@ -138,7 +138,7 @@ class Machine:
         """The links and fixed costs of ``n`` processes, measured in one (:func:`.calibrate.alone_seconds`):
         what the strategies' own code costs and how long their calls take, not how ranks sharing the cores
         slow each other. If even that fails, it is noted and communication is left out."""
-        units = calibrate.probe_units(self.stats.blocks, group)
+        units = probe.probe_units(self.stats.blocks, group)
         try:
             measured = calibrate.alone_seconds(n, self.cfg, group, units, {c.label(): self._load(c) for c in group},
                                                steps, resized=self._resized(group, units),
@@ -203,7 +203,7 @@ class Machine:
         return stage_shares(self.stats, candidate.layout.pp, VIRTUAL.get(candidate.schedule, 1))
 
     def _shapes(self, group: list[Candidate]) -> dict[str, dict]:
-        """Probes shaped as the real model (:func:`.calibrate.probe_seconds`). A pipeline's as its real stages:
+        """Probes shaped as the real model (:func:`.probe.probe_seconds`). A pipeline's as its real stages:
         the stages' layers in order, and each stage's output in floats per sample (at least the probe's width;
         None when the layers' outputs are not known). A strategy that moves parameters
         (``probe_real_parameters``): the real blocks' parameter counts, the root's own added to the first (the
@@ -229,7 +229,7 @@ class Machine:
                 continue
             stages = sorted(s for r in ranks for s in r["stages"])
             out = self.stats.layer_output_bytes_per_sample
-            widths = [max(calibrate.PROBE_WIDTH, math.ceil(out[b - 1] / 4)) for _, b in stages[:-1]] if out else None
+            widths = [max(probe.PROBE_WIDTH, math.ceil(out[b - 1] / 4)) for _, b in stages[:-1]] if out else None
             shapes[c.label()] = {"stages": [list(s) for s in stages], "widths": widths}
         return shapes
 
@@ -261,7 +261,7 @@ class Machine:
         from parallelnn.advise.stats import model_stats
 
         if size not in self._probes:
-            self._probes[size] = ModelStats(**model_stats(calibrate.probe_workload(size, self.cfg)))
+            self._probes[size] = ModelStats(**model_stats(probe.probe_workload(size, self.cfg)))
         return parallel.get(strategy).cost.fixed_units(self._probes[size])
 
     def _resized(self, group: list[Candidate], units: int) -> dict[str, int]:
