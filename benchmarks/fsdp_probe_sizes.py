@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallelnn.advise import calibrate
+from parallelnn import measure
 from parallelnn.advise import probe as probes
 from parallelnn.config import RunConfig
 from parallelnn.launch import Context, bind_cores, set_threads
@@ -60,7 +60,7 @@ class StreamBallast(nn.Module):
 
 def stream_seconds() -> float:
     buf, out = torch.ones(1 << 20), torch.empty(1 << 20)
-    return calibrate.timed_steps(lambda: torch.add(buf, 1.0, out=out))
+    return measure.timed_steps(lambda: torch.add(buf, 1.0, out=out))
 
 
 def timed(step, steps: int = 40, warmup: int = 8) -> float:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import cli, main
+from parallelnn import measure
 from parallelnn.advise import calibrate
 from parallelnn.advise import probe as probes
 from parallelnn.advise.stats import model_stats
@@ -42,9 +43,9 @@ def test_timed_steps_leave_the_warm_up_out():
         calls.append(1)
         time.sleep(0.02 if len(calls) <= 3 else 0.001)  # three slow first steps, as a cold model has
 
-    seconds = calibrate.timed_steps(step)
-    assert seconds < 0.01 and len(calls) >= calibrate.WARMUP[0] + calibrate.MEASURE[0]
-    assert len(calls) <= calibrate.MOST_STEPS
+    seconds = measure.timed_steps(step)
+    assert seconds < 0.01 and len(calls) >= measure.WARMUP[0] + measure.MEASURE[0]
+    assert len(calls) <= measure.MOST_STEPS
 
 
 def test_pipeline_stages_are_timed_on_the_real_layers():

@@ -31,38 +31,12 @@ from typing import Any
 import torch
 
 from parallelnn import measure
+from parallelnn.advise.probe import probe_seconds, probe_workload
+from parallelnn.measure import MOST_STEPS, timed_steps
 from parallelnn.parallel.engine import Engine
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-
-
-# Warm-up and measurement, in steps and seconds: a model's first steps pay for allocation and kernel choice,
-# and the caches and clocks of a CPU settle over a fraction of a second (three warm-up steps of the MNIST CNN
-# measured 10-20% slower than its steady state here).
-WARMUP = (5, 0.4)
-MEASURE = (9, 0.4)
-MOST_STEPS = 60
-
-
-def timed_steps(step, sync=lambda: None) -> float:
-    """Median seconds of ``step()`` once warm: at least WARMUP steps and seconds of warm-up, then at least
-    MEASURE steps and seconds measured (never more than MOST_STEPS in all). ``sync``: waits for the device's
-    queued work (a GPU runs behind the host), after every step."""
-    start = time.perf_counter()
-    done = 0
-    while done < WARMUP[0] or (done < MOST_STEPS // 2 and time.perf_counter() - start < WARMUP[1]):
-        step()
-        sync()
-        done += 1
-    times: list[float] = []
-    while len(times) < MEASURE[0] or (done < MOST_STEPS and sum(times) < MEASURE[1]):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        done += 1
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -284,7 +258,6 @@ def loop_seconds(cfg, device: torch.device, steps: int = 200) -> float:
     import tempfile
 
     from parallelnn import api
-    from parallelnn.advise.probe import probe_workload
     from parallelnn.advise.trials import WARMUP_STEPS
     from parallelnn.config import RunConfig
 
@@ -321,7 +294,6 @@ def _alone_worker(index: int, out: str, world: int, cfg, candidates, units, load
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
-    from parallelnn.advise.probe import probe_seconds
 
     from parallelnn.launch import bind_cores, set_threads
 
@@ -349,7 +321,6 @@ def _worker(rank: int, out: str, world: int, port: int, cfg, batches: list[int],
     ``device_type="cuda"``: the collectives alone, NCCL's, each rank on a GPU of its own."""
     import torch.distributed as dist
 
-    from parallelnn.advise.probe import probe_seconds
     from parallelnn.launch import bind_cores, set_threads
 
     set_threads(None, world)

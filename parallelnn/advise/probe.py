@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from parallelnn.advise.calibrate import MOST_STEPS, timed_steps
+from parallelnn.measure import MOST_STEPS, timed_steps
 from parallelnn.parallel.engine import Engine
 
 PROBE_WIDTH = 16
