@@ -46,41 +46,43 @@ def _batch(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sample.prepare(sample.inputs), sample.targets
 
 
-def _output_bytes(modules: list[nn.Module], run) -> list[int]:
-    """Bytes of each module's output during ``run()`` (summed over calls)."""
+def _hooked_bytes(modules: list[nn.Module], run, pick) -> list[int]:
+    """Bytes of the tensor ``pick(inputs, output)`` chooses at each call of each module during ``run()``
+    (summed over calls; None or a non-tensor: nothing)."""
     sizes = [0] * len(modules)
     handles = []
     for i, m in enumerate(modules):
-        def hook(_m, _inp, out, i=i):
-            if isinstance(out, torch.Tensor):
-                sizes[i] += out.numel() * out.element_size()
+        def hook(_m, inp, out, i=i):
+            t = pick(inp, out)
+            if isinstance(t, torch.Tensor):
+                sizes[i] += t.numel() * t.element_size()
         handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return sizes
-
-
-def _input_grad_bytes(modules: list[nn.Module], run) -> list[int]:
-    """Bytes of each module's first input during ``run()`` (summed over calls), where that input needs a
-    gradient: what a column-wise parallel layer all-reduces in backward (its input's gradient is a partial sum
-    on each rank)."""
-    sizes = [0] * len(modules)
-    handles = []
-    for i, m in enumerate(modules):
-        def hook(_m, inp, i=i):
-            if inp and isinstance(inp[0], torch.Tensor) and inp[0].requires_grad:
-                sizes[i] += inp[0].numel() * inp[0].element_size()
-        handles.append(m.register_forward_pre_hook(hook))
     try:
         run()
     finally:
         for h in handles:
             h.remove()
     return sizes
+
+
+def _output_bytes(modules: list[nn.Module], run) -> list[int]:
+    """Bytes of each module's output during ``run()`` (summed over calls)."""
+    def quiet():
+        with torch.no_grad():
+            run()
+
+    return _hooked_bytes(modules, quiet, lambda inp, out: out)
+
+
+def _input_grad_bytes(modules: list[nn.Module], run) -> list[int]:
+    """Bytes of each module's first input during ``run()`` (summed over calls), where that input needs a
+    gradient: what a column-wise parallel layer all-reduces in backward (its input's gradient is a partial sum
+    on each rank)."""
+    def wanting_gradient(inp, out):
+        first = inp[0] if inp else None
+        return first if isinstance(first, torch.Tensor) and first.requires_grad else None
+
+    return _hooked_bytes(modules, run, wanting_gradient)
 
 
 def model_stats(workload, batch: int = 8) -> dict[str, Any]:
