@@ -217,16 +217,16 @@ def test_a_second_probe_size_is_chosen_where_the_models_count_differs_from_the_p
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
     measured = {"fixed": {"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3},
                 "fixed_resized": {"fsdp dp2": [2, 7e-3], "tensor tp2": [2, 4e-3]}}
-    shaped = machine._shapes
-    assert shaped(group) == {"fsdp dp2": {"parameters": [250, 153]}, "tensor tp2": {"pairs": [[4, 3]]}}
-    assert machine._resized(group, 4) == {}
-    machine._fixed(group, measured, 4)
+    shapes = machine._shapes(group)
+    assert shapes == {"fsdp dp2": {"parameters": [250, 153]}, "tensor tp2": {"pairs": [[4, 3]]}}
+    assert machine._resized(group, 4, shapes) == {}
+    machine._fixed(group, measured, 4, shapes)
     assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 10e-3, "tensor tp2": 6e-3})
-    machine._shapes = lambda group: {}  # 16-wide probes
-    assert machine._resized(group, 4) == {"fsdp dp2": 2, "tensor tp2": 2}
+    # 16-wide probes:
+    assert machine._resized(group, 4, {}) == {"fsdp dp2": 2, "tensor tp2": 2}
     assert machine._probe_counts("fsdp", 2) == 3 and machine._probe_counts("tensor", 2) == 1
-    assert machine._resized(group, 2) == {}  # the probe's counts are the model's already
-    machine._fixed(group, measured, 4)
+    assert machine._resized(group, 2, {}) == {}  # the probe's counts are the model's already
+    machine._fixed(group, measured, 4, {})
     assert machine.fixed == pytest.approx({"ddp dp2": 1e-3, "fsdp dp2": 7e-3, "tensor tp2": 4e-3})
 
 

@@ -122,13 +122,13 @@ class Machine:
         try:
             measured = calibrate.spawn(n, self.cfg, sorted(batches) if by_name else [], stages if by_name else [],
                                        group, units, {c.label(): self._load(c) for c in group},
-                                       resized=self._resized(group, units), shapes=shapes)
+                                       resized=self._resized(group, units, shapes), shapes=shapes)
         except Exception as err:  # noqa: BLE001 - a failed calibration costs accuracy, not the advice
             self.problems.append(f"calibrating {n} processes at once failed ({_last_line(err)}); their predictions "
                                  "use one process's measurements")
             return {}, {}
         self.links[n] = calibrate.fitted(measured["collectives"])
-        self._fixed(group, measured, units)
+        self._fixed(group, measured, units, shapes)
         self.carried |= {label for label, shape in shapes.items()
                          if (shape.get("widths") or full_size(shape)) and label in measured["fixed"]}
         return {int(b): tuple(v) for b, v in measured["steps"].items()}, measured["stages"]
@@ -139,17 +139,18 @@ class Machine:
         what the strategies' own code costs and how long their calls take, not how ranks sharing the cores
         slow each other. If even that fails, it is noted and communication is left out."""
         units = probe.probe_units(self.stats.blocks, group)
+        shapes = self._shapes(group)
         try:
             measured = calibrate.alone_seconds(n, self.cfg, group, units, {c.label(): self._load(c) for c in group},
-                                               steps, resized=self._resized(group, units),
-                                               shapes=self._shapes(group), staged=staged)
+                                               steps, resized=self._resized(group, units, shapes), shapes=shapes,
+                                               staged=staged)
         except Exception as err:  # noqa: BLE001 - as in _together: a failed calibration costs accuracy only
             self.problems.append(f"calibrating {n} ranks in one process failed ({_last_line(err)}); their "
                                  "collectives and fixed costs are not predicted (taken as free)")
             self.links[n] = {}
             return
         self.links[n] = calibrate.fitted(measured["collectives"])
-        self._fixed(group, measured, units)
+        self._fixed(group, measured, units, shapes)
 
     def _calibrate_gpus(self, candidates: list[Candidate], global_batch: int) -> None:
         """On GPUs every rank has a device of its own: one GPU's steps, timed here at each pass batch, stand for
@@ -227,7 +228,7 @@ class Machine:
                     shapes[c.label()] = {"pairs": pairs}
             if not ranks:
                 continue
-            stages = sorted(s for r in ranks for s in r["stages"])
+            stages = in_order(ranks)
             out = self.stats.layer_output_bytes_per_sample
             widths = [max(probe.PROBE_WIDTH, math.ceil(out[b - 1] / 4)) for _, b in stages[:-1]] if out else None
             shapes[c.label()] = {"stages": [list(s) for s in stages], "widths": widths}
@@ -252,8 +253,7 @@ class Machine:
         if min(times) > 0:
             share = max(r["flops"] for r in ranks)
             self.stage_rates[candidate.label()] = self.stats.flops_per_sample * batch * share / max(times)
-            stages = sorted(s for r in ranks for s in r["stages"])
-            self.stage_times[candidate.label()] = [staged[f"{a}-{b}-{batch}"] for a, b in stages]
+            self.stage_times[candidate.label()] = [staged[f"{a}-{b}-{batch}"] for a, b in in_order(ranks)]
 
     def _probe_counts(self, strategy: str, size: int) -> float:
         """How many times a probe of ``size`` blocks pays ``strategy``'s growing fixed costs (its ``fixed_units``)."""
@@ -264,18 +264,18 @@ class Machine:
             self._probes[size] = ModelStats(**model_stats(probe.probe_workload(size, self.cfg)))
         return parallel.get(strategy).cost.fixed_units(self._probes[size])
 
-    def _resized(self, group: list[Candidate], units: int) -> dict[str, int]:
+    def _resized(self, group: list[Candidate], units: int, shapes: dict[str, dict]) -> dict[str, int]:
         """A second probe size for each candidate whose fixed cost grows with the model (its strategy's
         ``fixed_units``) and whose count differs on the probe: the size whose count comes nearest the real
         model's (at most 4x the probe's blocks). Two sizes tell what a step pays once (the optimizer over
-        sharded parameters, the loss's input, the stop flag) from what it pays per block or call."""
+        sharded parameters, the loss's input, the stop flag) from what it pays per block or call. ``shapes``: the
+        group's probe shapes (:meth:`_shapes`)."""
         from parallelnn import parallel
 
         resized = {}
-        sized = self._shapes(group)
         for c in group:
             grows = parallel.get(c.strategy).cost.fixed_units
-            if grows is None or full_size(sized.get(c.label())):  # a probe of the real size: no carrying
+            if grows is None or full_size(shapes.get(c.label())):  # a probe of the real size: no carrying
                 continue
             want, first = grows(self.stats), self._probe_counts(c.strategy, units)
             sizes = [u for u in range(2, 4 * units + 1) if u != units]
@@ -284,19 +284,19 @@ class Machine:
                 resized[c.label()] = near
         return resized
 
-    def _fixed(self, group: list[Candidate], measured: dict[str, Any], units: int) -> None:
+    def _fixed(self, group: list[Candidate], measured: dict[str, Any], units: int, shapes: dict[str, dict]) -> None:
         """Each candidate's measured fixed cost, carried from the probe's block count to the model's where the
         strategy says how it grows (FSDP: per block; tensor parallel: per all-reduce): along the line through
-        the two probe sizes (:func:`per_unit_line`), or in proportion when only one was timed."""
+        the two probe sizes (:func:`per_unit_line`), or in proportion when only one was timed; as measured when
+        its probe had the real model's shape (``shapes``)."""
         from parallelnn import parallel
 
         again = measured.get("fixed_resized", {})
-        sized = self._shapes(group)
         for c in group:
             if c.label() not in measured["fixed"]:
                 continue
             seconds, grows = measured["fixed"][c.label()], parallel.get(c.strategy).cost.fixed_units
-            if grows is None or full_size(sized.get(c.label())):
+            if grows is None or full_size(shapes.get(c.label())):
                 self.fixed[c.label()] = seconds
                 continue
             points = [(self._probe_counts(c.strategy, units), seconds)]
@@ -345,6 +345,11 @@ class Machine:
         return predict_step(self.stats, hw, candidate, global_batch, dtype, nodes=1,
                             fixed_seconds=self.fixed.get(candidate.label(), 0.0) + (self.loop or 0.0),
                             extra_memory=extra)
+
+
+def in_order(ranks: list[dict]) -> list[tuple[int, int]]:
+    """A pipeline's stages (first layer, end layer) in the model's order, from its ranks' (``stage_shares``)."""
+    return sorted(s for r in ranks for s in r["stages"])
 
 
 def full_size(shape: dict | None) -> bool:
