@@ -382,6 +382,14 @@ def make_mesh(shape: tuple[int, ...], names: tuple[str, ...], device: torch.devi
     return init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
+def no_peers(group) -> bool:
+    """Whether ``group`` is a fake process group (advise's one-process calibration, rank 0 of N standing for
+    all): its collectives return at once and its receives leave their buffers as they were."""
+    import torch.distributed as dist
+
+    return dist.get_backend(group) == "fake"
+
+
 # -- spawning ------------------------------------------------------------------------------------
 
 class LaunchFailed(Exception):

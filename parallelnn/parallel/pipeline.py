@@ -6,13 +6,16 @@ Stages are split where ``--split`` says, else to balance forward FLOPs (counted 
 ``torch.utils.flop_counter``), each stage holding at least one layer with parameters.
 
 Stages infer tensor shapes on their first step, so a batch of another size (the last of an epoch)
-gets its own stage objects over the same modules (cached by batch size); if that batch does not
+gets its own stage objects over the same modules (cached by batch size). Under a fake process group
+(advise's one-process calibration) no peer answers, so the stages are given their shapes, worked out on
+two samples run through the whole model (``Stages.io``). If a batch does not
 divide into the microbatches, it uses the largest divisor below --microbatches (and, 1F1B needing a
 microbatch per stage, GPipe's order when that leaves fewer microbatches than stages). Same gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from parallelnn.errors import UserError
-from parallelnn.launch import make_mesh
+from parallelnn.launch import make_mesh, no_peers
 from parallelnn.parallel import CostModel, Layout, Strategy, parse_split
 from parallelnn.parallel.engine import Engine, contiguous_layout
 
@@ -133,6 +136,7 @@ class PipelineEngine(Engine):
         self.original_names = stages.original_names
         self.pp_group, self.schedule_name = pp_group, cfg.schedule
         self.n_microbatches = n_microbatches
+        self.stage_io = stages.io
         self.is_first, self.is_last = 0 in stage_ids, n_stages - 1 in stage_ids
         self._schedules: dict[int, object] = {}
         self._scale = 1.0
@@ -168,8 +172,10 @@ class PipelineEngine(Engine):
             m = self.n_microbatches
             while batch % m:
                 m -= 1
-            stages = [PipelineStage(mod, sid, self.n_stages, self.device, group=self.pp_group)
-                      for mod, sid in zip(self.stage_modules, self.stage_ids)]
+            io = self.stage_io or [None] * len(self.stage_ids)
+            stages = [PipelineStage(mod, sid, self.n_stages, self.device, group=self.pp_group,
+                                    **_examples(shapes, batch // m, self.device, sid == 0))
+                      for mod, sid, shapes in zip(self.stage_modules, self.stage_ids, io)]
             if self.schedule_name == "interleaved-1f1b":
                 sched = schedules.ScheduleInterleaved1F1B(stages, m, loss_fn=self._loss, scale_grads=False)
             else:
@@ -182,11 +188,14 @@ class PipelineEngine(Engine):
         return self._schedules[batch]
 
     def _run(self, x, y, train: bool):
+        first = len(x) not in self._schedules
         sched = self._schedule(len(x))
         args = (x,) if self.is_first else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": y, "losses": losses} if self.is_last else {}
-        with self.autocast():
+        # With no peers, the stages' first-step vote on static shapes must hear "static" from them.
+        answer = _ReceivedOnes() if first and self.stage_io else contextlib.nullcontext()
+        with self.autocast(), answer:
             out = sched.step(*args, **kwargs) if train else sched.eval(*args, **kwargs)
         return out, losses
 
@@ -272,6 +281,9 @@ class Stages:
     ids: list[int]
     count: int
     original_names: list[dict[str, str]]
+    #: per stage: the (per-sample shape, dtype) of each tensor it takes and of each it returns; None: inferred
+    #: from the peers on the first step, as torch.distributed.pipelining does by default
+    io: list[tuple[list, list]] | None = None
 
 
 @dataclass
@@ -303,7 +315,10 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int, *, wrap=N
     bounds = stage_bounds(cfg, workload, layout.pp * virtual)
     layers = workload.layers(model)
     tied_keys = tied_names(model, layers, bounds)  # before wrapping replaces the parameters
-    stages = build_stages(model, layers, bounds, [pp_rank + v * layout.pp for v in range(virtual)], ctx.device)
+    ids = [pp_rank + v * layout.pp for v in range(virtual)]
+    io = example_io(cfg, workload, layers, bounds, ids) if no_peers(mesh.get_group("pp")) else None
+    stages = build_stages(model, layers, bounds, ids, ctx.device)
+    stages.io = io
     if wrap is not None:
         stages.modules = [wrap(m, mesh) for m in stages.modules]
     m = microbatches(cfg, cfg.batch_size // layout.dp, stages.count)
@@ -315,6 +330,55 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int, *, wrap=N
         describe["tied_weights"] = sorted(tied_keys)
     return PipelineEngine(stages, workload, cfg, ctx, total_steps, pp_group=mesh.get_group("pp"), dp_rank=dp_rank,
                           dp_size=layout.dp, describe=describe, n_microbatches=m, tied=tied)
+
+
+def example_io(cfg, workload, layers, bounds, ids: list[int]) -> list[tuple[list, list]]:
+    """For stages ``ids``: the (per-sample shape, dtype) of each tensor the stage takes and of each it returns,
+    from two training samples run through the model's layers (under the run's autocast, which sets the dtypes)."""
+    from parallelnn.parallel.engine import AUTOCAST
+
+    def metas(t) -> list:
+        return [(tuple(v.shape[1:]), v.dtype) for v in (t if isinstance(t, (tuple, list)) else (t,))]
+
+    sample = workload.train.head(2)
+    x = sample.prepare(sample.inputs)
+    dtype = AUTOCAST.get(cfg.precision)
+    found = []
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        for a, b in bounds:
+            y = x
+            for layer in layers[a:b]:
+                y = layer(y)
+            found.append((metas(x), metas(y)))
+            x = y
+    return [found[s] for s in ids]
+
+
+def _examples(shapes: tuple[list, list] | None, batch: int, device, first: bool) -> dict[str, Any]:
+    """``PipelineStage``'s ``input_args``/``output_args`` for microbatches of ``batch`` samples (none: inferred).
+    A floating tensor requires a gradient, as a real step's would, but the data into the ``first`` stage:
+    the stage allocates gradient buffers only for what does."""
+    if shapes is None:
+        return {}
+
+    def example(shape, dtype, grad: bool) -> torch.Tensor:
+        return torch.zeros((batch, *shape), dtype=dtype, device=device, requires_grad=grad and dtype.is_floating_point)
+
+    inputs, outputs = shapes
+    return {"input_args": tuple(example(s, d, not first) for s, d in inputs),
+            "output_args": tuple(example(s, d, True) for s, d in outputs)}
+
+
+class _ReceivedOnes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Meanwhile every receive finds ones in its buffer, as if a peer had sent them (under a fake process
+    group, which sends nothing): the stages' vote on static shapes then hears every stage agree."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.namespace == "c10d" and func._schema.name.split("::")[-1].startswith("recv"):
+            for t in args[0]:
+                t.fill_(1)
+        return result
 
 
 def tied_names(model, layers, bounds) -> set[str]:
