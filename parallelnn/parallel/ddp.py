@@ -3,7 +3,7 @@ global batch; gradients are all-reduced (averaged) during backward, bucketed and
 
 from __future__ import annotations
 
-from parallelnn.launch import make_mesh
+from parallelnn.launch import make_mesh, no_peers
 from parallelnn.parallel import CostModel, Layout, Strategy, data_parallel
 from parallelnn.parallel.engine import Engine
 
@@ -14,11 +14,23 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
     mesh = make_mesh((layout.dp,), ("dp",), ctx.device)
     model = model.to(ctx.device)
     # Gradients as views into DDP's all-reduce buckets: no second copy of the gradients (same values).
+    group = mesh.get_group("dp")
     wrapped = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                      process_group=mesh.get_group("dp"), gradient_as_bucket_view=True)
+                                      process_group=group, gradient_as_bucket_view=True)
+    if no_peers(group):  # the reducer's built-in hook reads the all-reduce's result, which a fake group lacks
+        wrapped.register_comm_hook(group, _allreduce_in_place)
     return Engine(wrapped, workload, cfg, ctx.device, total_steps, dp_rank=mesh.get_local_rank(), dp_size=layout.dp,
                   no_sync=wrapped.no_sync, describe={"mesh": layout.mesh()},
                   compile_modules=[model])  # --compile: the model's forward; DDP's hooks and all-reduces outside
+
+
+def _allreduce_in_place(group, bucket):
+    """DDP's default hook as a Python one (average the bucket in place with one all-reduce) whose future
+    answers with the bucket, as the built-in one's does with the all-reduce's result."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer().div_(dist.get_world_size(group))
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda _: buffer)
 
 
 def cost(inp):
