@@ -233,7 +233,7 @@ def _probe_one(cfg, candidate, units: int, rank: int, world: int, ballast: float
         without = ballast * per_rank * units + update / layout.dp
     elif loaded:  # plus each rank's share of the probe's own layers' work (the real stages' is in their load)
         own = _own_work(ccfg, units, shape, passes, x, y, alone)
-        without = _without_fixed(ccfg, workload, layout) + own / layout.pp
+        without = _without_fixed(ccfg, workload, layout, alone=latency is not None) + own / layout.pp
     else:
         if key not in alone:
             plain = Engine(pristine, workload, replace(ccfg, grad_accum=passes), ctx.device, total_steps=MOST_STEPS)
@@ -315,16 +315,19 @@ def _rank_ballast(cfg, workload, layout) -> list[float] | None:
     return [sum(per_stage[r::p]) for r in range(p)]
 
 
-def _without_fixed(cfg, workload, layout) -> float:
+def _without_fixed(cfg, workload, layout, alone: bool = False) -> float:
     """What a pipeline probe's step would take with no fixed cost, as the cost model puts it: its busiest rank's
     ballast over the per-rank batch (the real stages' timed compute, :func:`probe_seconds`) and the schedule's
     bubble (:func:`pipeline.bubble`), the ranks' shares of the work being their ballast's. The rest of its step
     (the schedule's own work, the boundaries' transfers) is the fixed cost, less each rank's share of the probe's
-    own layers' work, timed apart (:func:`_probe_one`). (Other probes subtract their plain step, timed.)"""
+    own layers' work, timed apart (:func:`_probe_one`). (Other probes subtract their plain step, timed.)
+    ``alone``: rank 0 under a fake process group, whose receives wait for no peer: its own ballast, no bubble."""
     from parallelnn.parallel import pipeline
 
     shares = _rank_ballast(cfg, workload, layout)
     per_rank = cfg.batch_size // layout.dp
+    if alone:
+        return shares[0] * per_rank
     compute = max(shares) * per_rank
     m = _plain_passes(cfg, layout, per_rank)
     return compute + pipeline.bubble(compute, m, pipeline.VIRTUAL.get(cfg.schedule, 1), shares)
