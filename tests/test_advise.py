@@ -170,23 +170,54 @@ def test_one_process_measures_the_links_and_the_strategies_own_code_for_two():
     collectives between two ranks that are threads, fitted like two processes'; each candidate's fixed cost as
     rank 0 of two under a fake process group, its collective calls per step counted as issued (FSDP: two
     all-gathers and a reduce-scatter per block; tensor parallelism: the one row-wise all-reduce of the
-    probe's single Linear pair; both: the trainer's stop-flag all-reduce). DDP's reducer cannot run on the fake
-    group: left out (its calls keep the link's latency)."""
+    probe's single Linear pair; DDP: its one bucket's all-reduce, through a Python comm hook (the reducer's
+    built-in one reads the all-reduce's result, which a fake group has not); a two-stage 1F1B pipeline at 4
+    microbatches: a send or receive per microbatch each way, its stages given their shapes since no peer
+    answers the first step's; all: the trainer's stop-flag all-reduce)."""
     from parallelnn.advise.costs import Candidate
     from parallelnn.parallel import Layout
 
     cfg, _ = build_workload(RunConfig(workload="iris", quiet=True), torch.device("cpu"), lambda m: None)
     group = [Candidate("ddp", Layout(dp=2)), Candidate("fsdp", Layout(dp=2)), Candidate("tensor", Layout(tp=2))]
-    measured = calibrate.alone_seconds(2, cfg, group, 3, {}, {}, timeout=120, resized={"fsdp dp2": 5})
+    pipe = Candidate("pipeline", Layout(pp=2), microbatches=4, schedule="1f1b")
+    shapes = {pipe.label(): {"stages": [[0, 2], [2, 3]], "widths": [50]}}
+    measured = calibrate.alone_seconds(2, cfg, group + [pipe], 3, {}, {}, timeout=180, resized={"fsdp dp2": 5},
+                                       shapes=shapes)
     assert set(measured["collectives"]) == set(calibrate.KINDS)
     for kind, fit in calibrate.fitted(measured["collectives"]).items():
         assert 0 < fit["latency"] < 0.05 and fit["bandwidth"] > 1e7, (kind, fit)
     assert measured["calls"]["fsdp dp2"] == {"all_gather": 6, "reduce_scatter": 3, "all_reduce": 1}
     assert measured["calls"]["tensor tp2"] == {"all_reduce": 2}
-    assert set(measured["fixed"]) == {"fsdp dp2", "tensor tp2"}
+    assert measured["calls"]["ddp dp2"] == {"all_reduce": 2}
+    assert measured["calls"][pipe.label()] == {"send_recv": 8, "all_reduce": 1}
+    assert set(measured["fixed"]) == {"ddp dp2", "fsdp dp2", "tensor tp2", pipe.label()}
     assert measured["fixed"]["fsdp dp2"] > measured["fixed"]["tensor tp2"] > 0
+    assert measured["fixed"]["ddp dp2"] > 0 and measured["fixed"][pipe.label()] > 0
     size, seconds = measured["fixed_resized"]["fsdp dp2"]  # FSDP timed again on a probe of 5 blocks
     assert size == 5 and seconds > 0 and set(measured["fixed_resized"]) == {"fsdp dp2"}
+
+
+def test_pipeline_stages_under_a_fake_group_are_given_the_shapes_their_peers_would_send():
+    """No peer answers a stage's first step under a fake process group, so each stage is told what it takes
+    and returns per sample: the CNN's three stages pass 32 maps of 28x28 and 64 of 14x14 (after the pooling),
+    in the dtype the run's autocast computes in (the data into the first stage stays as loaded)."""
+    from parallelnn.parallel import pipeline
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    for precision, dtype in (("fp32", f32), ("bf16", bf16)):
+        cfg, workload = build_workload(RunConfig(workload="mnist", quiet=True, precision=precision),
+                                       torch.device("cpu"), lambda m: None)
+        layers, bounds = workload.layers(workload.model), pipeline.stage_bounds(cfg, workload, 3)
+        maps, pooled = ((32, 28, 28), dtype), ((64, 14, 14), dtype)
+        assert pipeline.example_io(cfg, workload, layers, bounds, [0, 1, 2]) == [
+            ([((1, 28, 28), f32)], [maps]), ([maps], [pooled]), ([pooled], [((10,), dtype)])]
+        assert pipeline.example_io(cfg, workload, layers, bounds, [2]) == [([pooled], [((10,), dtype)])]
+    # as PipelineStage's example arguments, per microbatch of 8: gradients wanted except for the loaded data
+    first = pipeline._examples(([((1, 28, 28), f32)], [maps]), 8, torch.device("cpu"), first=True)
+    assert first["input_args"][0].shape == (8, 1, 28, 28) and not first["input_args"][0].requires_grad
+    assert first["output_args"][0].shape == (8, 32, 28, 28) and first["output_args"][0].requires_grad
+    assert pipeline._examples(([maps], [pooled]), 8, torch.device("cpu"), first=False)["input_args"][0].requires_grad
+    assert pipeline._examples(None, 8, torch.device("cpu"), first=True) == {}
 
 
 def test_a_fixed_cost_is_carried_to_the_models_size_along_the_line_through_two_probes():
