@@ -3,7 +3,8 @@ then run for real (a short trial, measured after warm-up), and the two are compa
 
     python benchmarks/advise_accuracy.py                          # mnist, the digits CNN, the tiny LM; up to 2 processes
     python benchmarks/advise_accuracy.py --workloads mnist --nproc-max 2
-    python benchmarks/advise_accuracy.py --extrapolate            # calibrate with 1 process, predict 2 (and 4, apart)
+    python benchmarks/advise_accuracy.py --extrapolate            # calibrate with 1 process, predict 2
+    python benchmarks/advise_accuracy.py --extrapolate --nproc-max 4 --workloads mnist   # and 4, reported apart
     python benchmarks/advise_accuracy.py --device cuda --batch-sizes 64 512 --precisions fp32 bf16   # on a GPU
 
 Prints, per workload, predicted vs measured step time and memory per rank with their errors, and how well
@@ -26,6 +27,7 @@ process, so the rows are the workloads at each ``--batch-sizes`` x ``--precision
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -79,6 +81,19 @@ def evaluate(name: str, nproc_max: int, concurrent: bool, out: Path,
     again = trials.run_trial(cfg, first.candidate, out / "again", 180, len(workload.train),
                              first.prediction.step_seconds)
     return rows, again.step_seconds
+
+
+def by_world(rows: list[advisor.Row]) -> dict[int, list[advisor.Row]]:
+    """{0: the rows of up to as many processes as cores, then each larger process count: its rows}, the single
+    process (the trials' reference, and a recommendation's) in every group."""
+    cores = os.cpu_count() or 1
+    single = [r for r in rows if r.candidate.layout.world_size() == 1]
+    groups: dict[int, list[advisor.Row]] = {0: []}
+    for r in rows:
+        world = r.candidate.layout.world_size()
+        if world > 1:
+            groups.setdefault(world if world > cores else 0, []).append(r)
+    return {w: single + g for w, g in sorted(groups.items())}
 
 
 def on_gpu(cfg) -> bool:
@@ -146,7 +161,8 @@ def main() -> None:
     p.add_argument("--nproc-max", type=int, default=2)
     p.add_argument("--trials", type=int, default=8, help="advise's trial count, for the recommendation check")
     p.add_argument("--extrapolate", action="store_true",
-                   help="calibrate with one process only (rates at each thread count, no collectives measured)")
+                   help="calibrate with one process only (rates at each thread count, the collectives between "
+                        "thread-ranks, the strategies' own code under a fake process group)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--batch-sizes", type=int, nargs="+", help="each workload at each of these batch sizes")
     p.add_argument("--precisions", nargs="+", default=["fp32"], help="and at each of these precisions")
@@ -162,8 +178,15 @@ def main() -> None:
                     label = " ".join([name, *(f"{k}={v}" for k, v in options.items() if k != "device")])
                     rows, again = evaluate(name, args.nproc_max, not args.extrapolate,
                                            Path(tmp) / f"{Path(name).stem}-{batch}-{precision}", **options)
-                    results[label] = report(label, rows, again, args.trials)
-    summary(results)
+                    for world, group in by_world(rows).items():  # world 0: up to as many processes as cores
+                        results[label + (f" nproc={world}" if world else "")] = report(
+                            f"{label}, {world} processes on {os.cpu_count()} cores" if world else label,
+                            group, again, args.trials)
+    summary({k: v for k, v in results.items() if "nproc=" not in k})
+    beyond = {k: v for k, v in results.items() if "nproc=" in k}
+    if beyond:
+        print(f"\nmore processes than cores ({os.cpu_count()}), reported apart:")
+        summary(beyond)
     print(f"({time.time() - t0:.0f} s; calibration {'with one process' if args.extrapolate else 'as advise does'})")
 
 
