@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from conftest import cli, record, step_losses
@@ -97,3 +99,41 @@ def test_the_last_short_batch_trains_as_in_one_process(name, args, short_referen
     ref_w, got_w = load_file(short_reference / "model.safetensors"), load_file(out / "model.safetensors")
     for key in ref_w:
         torch.testing.assert_close(got_w[key], ref_w[key], rtol=0, atol=5e-5)
+
+
+def test_an_interleaved_pipelines_short_batch_takes_microbatches_torch_accepts(tmp_path_factory, tmp_path):
+    """276 samples at batch 64 leave a last batch of 20: at --microbatches 8 its largest divisor, 5, is not a
+    multiple of interleaved 1F1B's rounds over two ranks (5 // 2 = 2), which torch refuses; it runs as 4."""
+    reference = single_process(tmp_path_factory, "single-276", workload="mnist", limit=276)
+    out = tmp_path / "interleaved"
+    proc = cli("run", "mnist", "--epochs", "1", "--limit", "276", "--log-every", "1", "--quiet", "--strategy",
+               "pipeline", "--schedule", "interleaved-1f1b", "--microbatches", "8", "--nproc", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = step_losses(reference), step_losses(out)
+    assert len(got) == len(expected) == 5
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+@given(batch=st.integers(1, 512), most=st.integers(1, 32), ranks=st.integers(1, 8), interleaved=st.booleans())
+def test_a_batch_runs_as_the_most_microbatches_it_divides_into_that_the_schedule_accepts(batch, most, ranks,
+                                                                                       interleaved):
+    from parallelnn.parallel.pipeline import fitting_microbatches
+
+    def accepted(m: int) -> bool:  # torch's ScheduleInterleaved1F1B: a multiple of its max(1, m // ranks) rounds
+        return batch % m == 0 and not (interleaved and m % max(1, m // ranks))
+
+    m = fitting_microbatches(batch, most, ranks, interleaved)
+    assert 1 <= m <= most and accepted(m) and not any(accepted(k) for k in range(m + 1, most + 1))
+
+
+def test_interleaved_microbatches_torch_would_refuse_are_a_user_error():
+    from types import SimpleNamespace
+
+    from parallelnn.errors import UserError
+    from parallelnn.parallel.pipeline import microbatches
+
+    cfg = SimpleNamespace(microbatches=16, schedule="interleaved-1f1b")
+    with pytest.raises(UserError, match=r"multiple of its rounds \(16 // 3 = 5\); 16 is not \(try 12\)"):
+        microbatches(cfg, 48, 6)  # three ranks, two stages each
+    assert microbatches(SimpleNamespace(microbatches=12, schedule="interleaved-1f1b"), 48, 6) == 12
+    assert microbatches(SimpleNamespace(microbatches=16, schedule="1f1b"), 48, 3) == 16

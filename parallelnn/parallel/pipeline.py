@@ -9,8 +9,9 @@ Stages infer tensor shapes on their first step, so a batch of another size (the 
 gets its own stage objects over the same modules (cached by batch size). Under a fake process group
 (advise's one-process calibration) no peer answers, so the stages are given their shapes, worked out on
 two samples run through the whole model (``Stages.io``). If a batch does not
-divide into the microbatches, it uses the largest divisor below --microbatches (and, 1F1B needing a
-microbatch per stage, GPipe's order when that leaves fewer microbatches than stages). Same gradients.
+divide into the microbatches, it uses the largest divisor below --microbatches (interleaved 1F1B: the largest
+it accepts, :func:`fitting_microbatches`; and, 1F1B needing a microbatch per stage, GPipe's order when that
+leaves fewer microbatches than stages). Same gradients.
 """
 
 from __future__ import annotations
@@ -108,6 +109,21 @@ def microbatches(cfg, per_rank_batch: int, n_stages: int) -> int:
     m = cfg.microbatches or default_microbatches(per_rank_batch, n_stages)
     if per_rank_batch % m:
         raise UserError(f"--microbatches {m} does not divide the per-rank batch of {per_rank_batch}")
+    ranks = n_stages // VIRTUAL.get(cfg.schedule, 1)
+    if cfg.schedule == "interleaved-1f1b" and m % max(1, m // ranks):
+        raise UserError(f"interleaved 1F1B over {ranks} ranks needs --microbatches to be a multiple of its rounds "
+                        f"({m} // {ranks} = {m // ranks}); {m} is not (try "
+                        f"{fitting_microbatches(per_rank_batch, m, ranks, True)})")
+    return m
+
+
+def fitting_microbatches(batch: int, most: int, ranks: int, interleaved: bool) -> int:
+    """The most microbatches, at most ``most``, that a batch of ``batch`` samples divides into; for interleaved
+    1F1B over ``ranks`` ranks also a multiple of its rounds (``max(1, m // ranks)``), which torch requires
+    (a last batch of 20 at --microbatches 8 on two ranks: 4, not 5)."""
+    m = most
+    while batch % m or (interleaved and m % max(1, m // ranks)):
+        m -= 1
     return m
 
 
@@ -169,14 +185,13 @@ class PipelineEngine(Engine):
         if batch not in self._schedules:
             from torch.distributed.pipelining import PipelineStage, schedules
 
-            m = self.n_microbatches
-            while batch % m:
-                m -= 1
+            interleaved = self.schedule_name == "interleaved-1f1b"
+            m = fitting_microbatches(batch, self.n_microbatches, self.n_stages // len(self.stage_ids), interleaved)
             io = self.stage_io or [None] * len(self.stage_ids)
             stages = [PipelineStage(mod, sid, self.n_stages, self.device, group=self.pp_group,
                                     **_examples(shapes, batch // m, self.device, sid == 0))
                       for mod, sid, shapes in zip(self.stage_modules, self.stage_ids, io)]
-            if self.schedule_name == "interleaved-1f1b":
+            if interleaved:
                 sched = schedules.ScheduleInterleaved1F1B(stages, m, loss_fn=self._loss, scale_grads=False)
             else:
                 # 1F1B needs a microbatch per stage; a batch with fewer (a short last batch, or a per-rank
