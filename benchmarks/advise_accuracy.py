@@ -87,10 +87,10 @@ def by_world(rows: list[advisor.Row]) -> dict[int, list[advisor.Row]]:
     """{0: the rows of up to as many processes as cores, then each larger process count: its rows}, the single
     process (the trials' reference, and a recommendation's) in every group."""
     cores = os.cpu_count() or 1
-    single = [r for r in rows if r.candidate.layout.world_size() == 1]
+    single = [r for r in rows if r.candidate.layout.world_size == 1]
     groups: dict[int, list[advisor.Row]] = {0: []}
     for r in rows:
-        world = r.candidate.layout.world_size()
+        world = r.candidate.layout.world_size
         if world > 1:
             groups.setdefault(world if world > cores else 0, []).append(r)
     return {w: single + g for w, g in sorted(groups.items())}
