@@ -120,7 +120,9 @@ def report(name: str, rows: list[advisor.Row], again: float | None, count: int) 
         if t.peak_memory_bytes and "runtime" in p.memory_breakdown:  # a GPU: the allocator's peak, all of it
             counted, seen = p.memory_bytes_per_rank, t.peak_memory_bytes
         else:
-            counted, seen = p.memory_bytes_per_rank - p.memory_breakdown.get("buffers", 0.0), t.tensor_bytes
+            # the largest rank by what the count sees (pipeline stages differ: not always the largest in all)
+            counted = max(sum(r.values()) - r.get("buffers", 0.0) for r in p.memory_per_rank or [p.memory_breakdown])
+            seen = t.tensor_bytes
         mem = (counted - seen) / seen if seen else float("nan")
         memory_errors.append((r.candidate.strategy, mem))
         print(f"  {r.candidate.label()[:36]:36} {p.step_seconds * 1e3:8.2f} {t.step_seconds * 1e3:8.2f} {noise:6.0%} "

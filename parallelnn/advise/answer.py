@@ -28,6 +28,7 @@ def candidate_json(row) -> dict[str, Any]:
         "schedule": c.schedule, "label": c.label(), "feasible": row.feasible, "reason": row.reason or "",
         "memory_bytes_per_rank": p.memory_bytes_per_rank if p else None,
         "memory_breakdown": p.memory_breakdown if p else None,
+        "memory_per_rank": p.memory_per_rank if p else None,  # pipeline stages: each rank's; else null (alike)
         "predicted_step_seconds": p.step_seconds if p else None,
         "predicted_samples_per_second": p.samples_per_second if p else None,
         "predicted_compute_seconds": p.compute_seconds if p else None,
@@ -115,7 +116,8 @@ def advice_json(rows, cfg, stats: ModelStats, machine) -> dict[str, Any]:
 MEMORY_NOTE = (
     "memory_bytes_per_rank (predicted) and measured_tensor_bytes: parameters + gradients + optimizer state + "
     "activations saved for backward on the largest rank, counted by tensor storage; the prediction adds 'buffers' "
-    "(FSDP's gathered blocks, a pipeline's receive buffers), which that count cannot see; the allocator's and "
+    "(FSDP's gathered blocks, a pipeline's receive buffers), which that count cannot see (pipeline stages differ: "
+    "memory_per_rank has each rank's, and the largest without buffers may be another rank); the allocator's and "
     "framework's own memory and temporaries are in neither (measured_peak_memory_bytes, the resident-set peak on "
     "CPU, includes them)",
     "memory_bytes_per_rank (predicted): parameters + gradients + optimizer state + saved activations + buffers as "

@@ -230,6 +230,8 @@ class StepCost:
     #: Why this layout cannot run at all (besides memory), or None.
     problem: str | None = None
     assumptions: list[str] = field(default_factory=list)
+    #: Where ranks hold different parts (pipeline stages): each rank's ``memory``; ``memory`` is the largest.
+    memory_per_rank: list[dict[str, float]] | None = None
 
     @property
     def step_seconds(self) -> float:
@@ -415,6 +417,9 @@ class Prediction:
     fixed_seconds: float = 0.0
     #: The optimizer step over the parameters a rank holds, once a step (when the hardware says its rate).
     optimizer_seconds: float = 0.0
+    #: Where ranks hold different parts (pipeline stages): each rank's breakdown, as ``memory_breakdown`` (the
+    #: largest of them, by its total); None where every rank holds the same.
+    memory_per_rank: list[dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate
@@ -424,7 +429,7 @@ class Prediction:
                 **{k: getattr(self, k) for k in ("step_seconds", "samples_per_second", "memory_bytes_per_rank",
                                                   "memory_breakdown", "compute_seconds", "comm_seconds",
                                                   "exposed_comm_seconds", "bubble_seconds", "fixed_seconds",
-                                                  "optimizer_seconds", "feasible",
+                                                  "optimizer_seconds", "memory_per_rank", "feasible",
                                                   "reason", "assumptions")}}
 
 
@@ -466,9 +471,12 @@ def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_b
     else:
         cost = strategy.cost.step(inp)
         problem = problem or cost.problem
-    memory = {k: float(cost.memory.get(k, 0.0)) for k in ("parameters", "gradients", "optimizer", "activations",
-                                                          "buffers")}
-    memory.update(extra_memory or {})
+    def breakdown(held: dict[str, float]) -> dict[str, float]:
+        parts = {k: float(held.get(k, 0.0)) for k in ("parameters", "gradients", "optimizer", "activations", "buffers")}
+        return {**parts, **(extra_memory or {})}
+
+    memory = breakdown(cost.memory)
+    per_rank = [breakdown(r) for r in cost.memory_per_rank] if cost.memory_per_rank else None
     total = sum(memory.values())
     if problem is None and total > hw.memory_bytes:
         problem = f"needs {gb(total)} per {'GPU' if hw.device_type == 'cuda' else 'device'}, has {gb(hw.memory_bytes)}"
@@ -479,4 +487,5 @@ def predict_step(stats: ModelStats, hw: Hardware, candidate: Candidate, global_b
                       memory_bytes_per_rank=total, memory_breakdown=memory, compute_seconds=cost.compute_seconds,
                       comm_seconds=cost.comm_seconds, exposed_comm_seconds=cost.exposed_comm_seconds,
                       bubble_seconds=cost.bubble_seconds, feasible=problem is None, reason=problem or "",
-                      assumptions=list(cost.assumptions), fixed_seconds=fixed_seconds, optimizer_seconds=update)
+                      assumptions=list(cost.assumptions), fixed_seconds=fixed_seconds, optimizer_seconds=update,
+                      memory_per_rank=per_rank)

@@ -105,15 +105,21 @@ def sharded(inp, inner, held_parameters: float, *, gathers: float = 2.0, block_f
     gathered = gather_bytes_per_parameter(inp, policy)
     comm, exposed = costs.fsdp_sync(inp, inp.group("dp"), held_parameters, gathered, inner.compute_seconds, gathers,
                                     block_fraction)
-    memory = {k: v / dp if k in ("parameters", "gradients", "optimizer") else v for k, v in inner.memory.items()}
-    memory["buffers"] = memory.get("buffers", 0.0) + (costs.fsdp_buffers(inp, block_fraction) if buffers is None
-                                                      else buffers)
+    def shard(held: dict[str, float]) -> dict[str, float]:
+        memory = {k: v / dp if k in ("parameters", "gradients", "optimizer") else v for k, v in held.items()}
+        memory["buffers"] = memory.get("buffers", 0.0) + (costs.fsdp_buffers(inp, block_fraction) if buffers is None
+                                                          else buffers)
+        return memory
+
+    per_rank = [shard(r) for r in inner.memory_per_rank] if inner.memory_per_rank else None
+    memory = max(per_rank, key=lambda h: sum(h.values())) if per_rank else shard(inner.memory)
     dtype = "bf16 (mixed-precision policy)" if gathered < per else "the parameters' dtype (no mixed-precision policy)"
     return costs.StepCost(inner.compute_seconds, memory, inner.comm_seconds + comm,
                           inner.exposed_comm_seconds + exposed, inner.bubble_seconds, inner.problem,
                           [*inner.assumptions, (f"FSDP: parameters all-gathered {gathers:g}x per step at {dtype}, "
                                                 "gradients reduce-scattered at the parameters' dtype, prefetch "
-                                                "overlapping compute; the first block's gather is exposed")])
+                                                "overlapping compute; the first block's gather is exposed")],
+                          memory_per_rank=per_rank)
 
 
 def cost(inp):

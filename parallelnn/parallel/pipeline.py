@@ -548,7 +548,7 @@ def cost(inp):
     return costs.StepCost(compute, memory, p2p, p2p, bubble(compute, m, v, shares), problem, [
         f"pipeline: {split}; boundary sends not overlapped; tied first/last-stage weights' gradient sum not "
         "counted; receive buffers counted whole besides the activations (a stage that saves its received input "
-        "holds those bytes once)"])
+        "holds those bytes once)"], memory_per_rank=None if ranks is None else per_rank)
 
 
 def cost_candidates(world_size: int, global_batch: int, dp: int = 1) -> list[tuple[Layout, int | None, str | None]]:
