@@ -192,7 +192,8 @@ def bind_cores(local_rank: int, local_world_size: int) -> list[int] | None:
     FSDP, tensor parallelism; pipelines the same) and varied more. Not so for every schedule: on 2026-12-08
     (MNIST, 50 steps, two runs each) bound DDP stepped in 13-15 ms against 16, FSDP and tensor parallelism the
     same either way, but interleaved 1F1B at 8 microbatches 80-82 ms against 53-55 unbound (a bound rank's
-    gloo thread waits for the core its rank computes on: ``benchmarks/busy_pingpong.py``). More ranks than cores: one core each, in turn.
+    gloo thread waits for the core its rank computes on: ``benchmarks/busy_pingpong.py``). More ranks than
+    cores: one core each, in turn.
     Nothing is changed for a single rank, where the system has no affinity call, or where the process was
     already held to fewer cores than the machine has (a launcher's or Slurm's own binding). Returns the cores
     bound to, or None."""

@@ -26,7 +26,8 @@ def apply(model, workload, cfg, ctx, layout: Layout, total_steps: int) -> Engine
 
 def _allreduce_in_place(group, bucket):
     """DDP's default hook as a Python one (average the bucket in place with one all-reduce) whose future
-    answers with the bucket, as the built-in one's does with the all-reduce's result."""
+    answers with the bucket, as the built-in one's does with the all-reduce's result. (torch's own Python
+    ``default_hooks.allreduce_hook`` reads that result too, ``fut.value()[0]``, and fails the same way.)"""
     import torch.distributed as dist
 
     buffer = bucket.buffer().div_(dist.get_world_size(group))

@@ -110,10 +110,10 @@ def microbatches(cfg, per_rank_batch: int, n_stages: int) -> int:
     if per_rank_batch % m:
         raise UserError(f"--microbatches {m} does not divide the per-rank batch of {per_rank_batch}")
     ranks = n_stages // VIRTUAL.get(cfg.schedule, 1)
-    if cfg.schedule == "interleaved-1f1b" and m % max(1, m // ranks):
+    fits = fitting_microbatches(per_rank_batch, m, ranks, cfg.schedule == "interleaved-1f1b")
+    if fits != m:
         raise UserError(f"interleaved 1F1B over {ranks} ranks needs --microbatches to be a multiple of its rounds "
-                        f"({m} // {ranks} = {m // ranks}); {m} is not (try "
-                        f"{fitting_microbatches(per_rank_batch, m, ranks, True)})")
+                        f"({m} // {ranks} = {m // ranks}); {m} is not (try {fits})")
     return m
 
 
